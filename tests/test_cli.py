@@ -1,0 +1,84 @@
+"""The command line through Typer's runner and once as a real subprocess."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wmdeploy.cli import app
+from tests import contract_models as cm
+
+runner = CliRunner()
+MODELS = cm.__file__
+
+
+def test_export_inspect_verify_round_trip(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(app, ["export", f"{MODELS}:make_mixed", "-o", str(out), "--config", '{"hidden": 6}',
+                                 "--json", str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "verified" in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and {r["batch"] for r in report["rows"]} == {1, 3}
+
+    result = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    states = {s["name"]: s for s in info["states"]}
+    assert states["h"]["batch_axis"] == 1 and states["h"]["bytes_per_stream"] == 2 * 6 * 4
+    assert states["count"]["dtype"] == "int64" and states["last_step"]["init"] == -1
+    assert info["state_bytes_per_stream"] == 2 * 6 * 4 + 3 * 6 * 4 + 8 + 8
+    assert info["parameters"] > 0 and info["weight_bytes"] == 4 * info["parameters"]
+    assert info["opsets"]["ai.onnx"] == 17
+
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0 and "state pairs" in result.output
+
+    result = runner.invoke(app, ["verify", str(out), "--reference", f"{MODELS}:make_mixed", "--config", '{"hidden": 6}'])
+    assert result.exit_code == 1  # another random initialisation: the numbers differ
+    assert "above tolerance" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "tests.contract_models:Nope", "-o", "{tmp}/a.onnx"], "error: SPEC 'tests.contract_models:Nope'"),
+        (["export", "tests.contract_models:NoSpec", "-o", "{tmp}/a.onnx"], "error: NoSpec has no streaming_spec()"),
+        (["export", "tests.contract_models:WrongCount", "-o", "{tmp}/a.onnx"], "error: WrongCount.forward returned 2"),
+        (["export", "tests.contract_models:TinyLSTM", "-o", "{tmp}/a.onnx", "--checkpoint", "{tmp}/none.pt"],
+         "error: checkpoint {tmp}/none.pt: no such file"),
+        (["export", "tests.contract_models:TinyLSTM", "-o", "{tmp}"], "is a directory"),
+        (["inspect", "{tmp}/none.onnx"], "error: {tmp}/none.onnx: no such model file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [message.replace("{tmp}", str(tmp_path))] or (
+        len(lines) == 1 and message.replace("{tmp}", str(tmp_path)) in lines[0]), result.output
+    assert "Traceback" not in result.output
+
+
+def test_failed_verification_shows_report_and_exits_1(tmp_path):
+    result = runner.invoke(app, ["export", "tests.contract_models:TimeSpecialised", "-o", str(tmp_path / "t.onnx")])
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "error:" in result.output
+
+
+def test_real_subprocess(tmp_path):
+    out = tmp_path / "lstm.onnx"
+    proc = subprocess.run([sys.executable, "-m", "wmdeploy", "export", f"{MODELS}:TinyLSTM", "-o", str(out),
+                           "--chunks", "1,4"], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    proc = subprocess.run([sys.executable, "-m", "wmdeploy", "export", "x:y", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: SPEC 'x:y': cannot import module 'x': No module named 'x'"

@@ -1,0 +1,4 @@
+"""``python -m wmdeploy`` is the ``wmdeploy`` command."""
+from .cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""The ``wmdeploy`` command line: a thin layer over the library (every command is a Python call too).
+
+Errors that wmdeploy raises on purpose become one line on stderr and exit code 2; a verification that
+fails prints its report and exits 1.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import VerificationError, WmdeployError
+
+app = typer.Typer(
+    name="wmdeploy",
+    help="Deploy sequence models with a working memory: export, inspect, verify, annotate, and more.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays on one line, however narrow the terminal
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn wmdeploy's errors into one line and an exit code (2 bad input, 1 failed verification)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VerificationError as exc:
+            if exc.report is not None and hasattr(exc.report, "table"):
+                err_console.print(exc.report.table())
+            err_console.print(f"error: {_one_line(exc)}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
+        except WmdeployError as exc:
+            err_console.print(f"error: {_one_line(exc)}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _parse_chunks(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{flag}: expected comma-separated positive integers such as 1,7,32, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise typer.BadParameter(f"{flag}: expected comma-separated positive integers such as 1,7,32, got {text!r}")
+    return values
+
+
+@app.command(epilog="Example: wmdeploy export wmdeploy.models.lstm_lm:LSTMLanguageModel -o out/lm.onnx "
+                    "--checkpoint models/checkpoints/lstm_lm.pt")
+@cli_errors
+def export(
+    target: str = typer.Argument(..., metavar="SPEC", help="path/to/file.py:Name or package.module:Name (a class or a factory)"),
+    output: Path = typer.Option(..., "-o", "--output", help="the ONNX file to write"),
+    config: Optional[str] = typer.Option(None, "--config", help="JSON object of constructor arguments"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="trained weights (a state_dict or a dict holding one)"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default; keeps RNN time axes dynamic) or dynamo"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="verify the file against the module after export"),
+    chunks: str = typer.Option("1,7,32", "--chunks", help="chunk lengths streamed during verification"),
+    atol: float = typer.Option(1e-4, "--atol"),
+    rtol: float = typer.Option(1e-3, "--rtol"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the verification report as JSON"),
+) -> None:
+    """Export a PyTorch streaming model to ONNX with its state as inputs/outputs, then verify it."""
+    from .export import export_module  # noqa: PLC0415  (torch only for this command)
+
+    chunk_list = _parse_chunks(chunks, "--chunks")
+    with console.status(f"exporting {target} to {output} and verifying ..."):
+        result = export_module(target, output, config=config, checkpoint=checkpoint, opset=opset, exporter=exporter,
+                               verify=verify, atol=atol, rtol=rtol, chunks=chunk_list)
+    if result.report is not None:
+        console.print(result.report.table())
+        if json_out:
+            json_out.write_text(json.dumps(result.report.to_dict(), indent=2))
+    size = output.stat().st_size
+    console.print(soft_wrap=True, *[f"wrote {output} ({size / 1e6:.2f} MB, {len(result.spec.states)} state pairs, "
+                  f"{result.spec.state_bytes_per_stream} state bytes per stream)"
+                  + (f"; verified: {result.report.summary()}" if result.report is not None else "; not verified")])
+
+
+@app.command(name="verify", epilog="Example: wmdeploy verify out/lm.onnx --reference wmdeploy.models.lstm_lm:LSTMLanguageModel "
+                                   "--checkpoint models/checkpoints/lstm_lm.pt")
+@cli_errors
+def verify_cmd(
+    model: Path = typer.Argument(..., help="the ONNX file to verify"),
+    reference: Optional[str] = typer.Option(None, "--reference", help="SPEC of the PyTorch module, or another .onnx file (e.g. the float model of a quantized one)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="weights for a PyTorch reference"),
+    config: Optional[str] = typer.Option(None, "--config", help="constructor arguments for a PyTorch reference (JSON)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="calls per batch size (default: two rounds of --chunks)"),
+    chunks: str = typer.Option("1,7,32", "--chunks"),
+    batches: str = typer.Option("1,3", "--batches"),
+    atol: float = typer.Option(1e-4, "--atol"),
+    rtol: float = typer.Option(1e-3, "--rtol"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
+) -> None:
+    """Stream the same random chunks through MODEL and a reference; report the worst error per tensor.
+
+    Without --reference the file is checked against itself: chunked == whole (for chunk-invariant
+    models) and each row of a batch == that row streamed alone.
+    """
+    from .verify import verify as run_verify  # noqa: PLC0415
+
+    ref: Any = None
+    if reference is not None:
+        if reference.endswith(".onnx"):
+            ref = Path(reference)
+        else:
+            from .export import load_module  # noqa: PLC0415
+
+            ref = load_module(reference, config, checkpoint)
+    with console.status(f"verifying {model} ..."):
+        report = run_verify(model, ref, chunks=_parse_chunks(chunks, "--chunks"), batches=_parse_chunks(batches, "--batches"),
+                            steps=steps, seed=seed, atol=atol, rtol=rtol)
+    console.print(report.table())
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+    if not report.ok:
+        raise VerificationError(f"{model}: {report.summary()}")
+    console.print(f"ok: {report.summary()}")
+
+
+@app.command(name="inspect", epilog="Example: wmdeploy inspect out/lm.onnx --json")
+@cli_errors
+def inspect_cmd(
+    model: Path = typer.Argument(..., help="an ONNX file"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+) -> None:
+    """Inputs, outputs, state pairs (bytes per stream), parameters, weight bytes, opset, producer."""
+    from .inspect import inspect_model, render  # noqa: PLC0415
+
+    info = inspect_model(model)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    else:
+        console.print(render(info))
+
+
+@app.command(epilog="Example: wmdeploy annotate third_party.onnx -o adopted.onnx --state h=hN@1 --const sample_rate=16000")
+@cli_errors
+def annotate(
+    model: Path = typer.Argument(..., help="a stateful ONNX file that no wmdeploy export made"),
+    output: Path = typer.Option(..., "-o", "--output", help="where to write the annotated copy"),
+    state: List[str] = typer.Option(..., "--state", help="IN=OUT[@AXIS]: a state input fed back from output OUT; AXIS is its batch axis (default 0)"),
+    const: List[str] = typer.Option([], "--const", help="NAME=VALUE: an input fed VALUE on every call"),
+) -> None:
+    """Write the wmdeploy spec into a third-party stateful ONNX file so every command can use it."""
+    from .annotate import annotate as run_annotate  # noqa: PLC0415
+
+    spec = run_annotate(model, output, states=list(state), consts=list(const))
+    console.print(f"wrote {output}: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs, "
+                  f"{len(spec.states)} state pairs, {len(spec.constants)} constants")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

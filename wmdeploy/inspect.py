@@ -1,0 +1,163 @@
+"""``wmdeploy inspect``: what a model file takes, returns and carries, and what it weighs.
+
+Reads the graph with ``onnx`` when installed (weights counted from the initializers, external data not
+loaded) and falls back to ONNX Runtime on the edge, where weights cannot be counted without running.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import METADATA_KEY, ONNX_CODE_TO_DTYPE, StreamingSpec, spec_from_metadata
+from .errors import ModelFileError
+
+
+def _dims(value: Any) -> list[int | str]:
+    return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in value.type.tensor_type.shape.dim]
+
+
+def _from_onnx(path: Path) -> dict[str, Any]:
+    import onnx  # noqa: PLC0415
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    graph = model.graph
+    params = 0
+    weight_bytes = 0
+    for init in graph.initializer:
+        n = int(np.prod(init.dims)) if len(init.dims) else 1
+        params += n
+        dtype = ONNX_CODE_TO_DTYPE.get(init.data_type)
+        itemsize = np.dtype(dtype).itemsize if dtype else onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        weight_bytes += n * itemsize
+    initializer_names = {i.name for i in graph.initializer}
+
+    def io(values: Any) -> list[dict[str, Any]]:
+        return [{"name": v.name, "dtype": ONNX_CODE_TO_DTYPE.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+                 "shape": _dims(v)} for v in values if v.name not in initializer_names]
+
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "ir_version": model.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "graph_inputs": io(graph.input),
+        "graph_outputs": io(graph.output),
+        "parameters": params,
+        "weight_bytes": weight_bytes,
+        "nodes": len(graph.node),
+        "op_types": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "metadata": {p.key: p.value for p in model.metadata_props},
+    }
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+              "tensor(bool)": "bool"}
+
+
+def _from_ort(path: Path) -> dict[str, Any]:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a readable ONNX model ({exc})") from None
+    meta = sess.get_modelmeta()
+
+    def io(values: Any) -> list[dict[str, Any]]:
+        return [{"name": v.name, "dtype": _ORT_TYPES.get(v.type, v.type), "shape": list(v.shape)} for v in values]
+
+    return {
+        "producer": meta.producer_name, "ir_version": None, "opsets": {}, "graph_inputs": io(sess.get_inputs()),
+        "graph_outputs": io(sess.get_outputs()), "parameters": None, "weight_bytes": None, "nodes": None,
+        "op_types": {}, "metadata": dict(meta.custom_metadata_map),
+    }
+
+
+def inspect_model(path: str | Path) -> dict[str, Any]:
+    """A JSON-ready description of the model file at ``path`` (its spec, if it has one, included)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        import onnx  # noqa: F401, PLC0415
+        info = _from_onnx(path)
+    except ImportError:
+        info = _from_ort(path)
+    info = {"file": str(path), "file_bytes": path.stat().st_size, **info}
+    metadata = info.pop("metadata")
+    spec: StreamingSpec | None = None
+    if METADATA_KEY in metadata:
+        spec = spec_from_metadata(metadata, str(path))
+    info["metadata"] = {k: v for k, v in metadata.items() if k != METADATA_KEY}
+    info["spec"] = spec.to_dict() if spec else None
+    if spec is not None:
+        info["inputs"] = [t.to_dict() for t in spec.inputs]
+        info["outputs"] = [t.to_dict() for t in spec.outputs]
+        info["states"] = [{**s.to_dict(), "bytes_per_stream": s.bytes_per_stream} for s in spec.states]
+        info["constants"] = [c.to_dict() for c in spec.constants]
+        info["state_bytes_per_stream"] = spec.state_bytes_per_stream
+        info["chunk_invariant"] = spec.chunk_invariant
+        info["meta"] = spec.meta
+    return info
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def render(info: dict[str, Any]) -> Any:
+    """Rich renderables for the terminal."""
+    from rich.console import Group  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
+    head = Text.from_markup(
+        f"[bold]{info['file']}[/] ({_human_bytes(info['file_bytes'])}), producer {info['producer'] or '?'}, "
+        f"opsets {info['opsets']}\nparameters {info['parameters'] if info['parameters'] is not None else '?'}"
+        f" ({_human_bytes(info['weight_bytes'])} of weights), {info['nodes']} nodes"
+    )
+    parts: list[Any] = [head]
+    if info["spec"] is None:
+        parts.append(Text("no wmdeploy spec: adopt this file with `wmdeploy annotate`", style="yellow"))
+        table = Table(title="graph inputs and outputs")
+        for col in ("role", "name", "dtype", "shape"):
+            table.add_column(col)
+        for role in ("graph_inputs", "graph_outputs"):
+            for v in info[role]:
+                table.add_row(role.split("_")[1][:-1], v["name"], v["dtype"], str(v["shape"]))
+        parts.append(table)
+        return Group(*parts)
+    io = Table(title="data inputs and outputs" + (" (chunk-invariant)" if info["chunk_invariant"] else ""))
+    for col in ("role", "name", "dtype", "shape"):
+        io.add_column(col)
+    for t in info["inputs"]:
+        io.add_row("input", t["name"], t["dtype"], str(t["shape"]))
+    for c in info["constants"]:
+        io.add_row("constant", c["name"], c["dtype"], f"= {c['value']}")
+    for t in info["outputs"]:
+        io.add_row("output", t["name"], t["dtype"], str(t["shape"]))
+    parts.append(io)
+    st = Table(title=f"state pairs ({_human_bytes(info['state_bytes_per_stream'])} per stream)")
+    for col in ("input", "output", "dtype", "shape", "batch axis", "initial", "bytes/stream"):
+        st.add_column(col, justify="right" if col in ("batch axis", "bytes/stream") else "left")
+    for s in info["states"]:
+        st.add_row(s["name"], s["output"], s["dtype"], str(s["shape"]), str(s["batch_axis"]), str(s["init"]),
+                   str(s["bytes_per_stream"]))
+    parts.append(st)
+    if info["meta"]:
+        parts.append(Text(f"meta: {info['meta']}"))
+    return Group(*parts)
