@@ -36,6 +36,8 @@ _LAZY = {
     "Stream": "wmdeploy.streaming",
     "StreamPool": "wmdeploy.streaming",
     "annotate": "wmdeploy.annotate",
+    "generate": "wmdeploy.generation",
+    "Generation": "wmdeploy.generation",
 }
 
 

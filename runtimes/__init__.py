@@ -1,0 +1,59 @@
+"""Execution backends behind one small protocol (:mod:`wmdeploy.runtimes.base`).
+
+Backends are registered by name and imported lazily, so a missing optional engine (TensorRT) costs
+nothing until asked for. ``select(backend, device)`` resolves ``"auto"`` and says why it chose what it did.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from wmdeploy.errors import BackendError
+
+from .base import Backend, StateArena
+
+#: name -> "module:Class". Order matters for "auto": the first available on the device wins.
+#: (Planned: "onnxruntime-cuda", "tensorrt" -> runtimes/trt.py.)
+REGISTRY: dict[str, str] = {
+    "onnxruntime": "wmdeploy.runtimes.ort:OrtBackend",
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in REGISTRY:
+        raise BackendError(f"backend '{name}': unknown; expected 'auto' or one of {list(REGISTRY)}")
+    module, _, cls = REGISTRY[name].partition(":")
+    try:
+        return getattr(import_module(module), cls)
+    except ImportError as exc:
+        raise BackendError(f"backend '{name}': cannot be imported ({exc})") from None
+
+
+def select(backend: str, device: str) -> tuple[type[Backend], str]:
+    """The backend class for ``backend`` (a name or ``"auto"``) on ``device``, and the reason, in words."""
+    if backend != "auto":
+        cls = backend_class(backend)
+        ok, why = cls.available(device)
+        if not ok:
+            raise BackendError(f"backend '{backend}' on device '{device}': unavailable: {why}")
+        return cls, f"asked for '{backend}': {why}"
+    tried: list[str] = []
+    for name in REGISTRY:
+        try:
+            cls = backend_class(name)
+        except BackendError as exc:
+            tried.append(str(exc))
+            continue
+        ok, why = cls.available(device)
+        if ok:
+            return cls, f"auto on device '{device}': picked '{name}' ({why}), the first available of {list(REGISTRY)}"
+        tried.append(f"{name}: {why}")
+    raise BackendError(f"backend 'auto' on device '{device}': none available ({'; '.join(tried)})")
+
+
+def create(path: Any, spec: Any, backend: str = "auto", device: str = "cpu", **options: Any) -> tuple[Backend, str]:
+    cls, why = select(backend, device)
+    return cls(path, spec, device, **options), why
+
+
+__all__ = ["Backend", "StateArena", "REGISTRY", "backend_class", "select", "create"]

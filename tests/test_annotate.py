@@ -1,0 +1,85 @@
+"""wmdeploy.annotate: adopt a hand-written stateful ONNX GRU and stream it."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import wmdeploy
+from wmdeploy.annotate import annotate, parse_const, parse_state
+from wmdeploy.contract import read_spec
+from wmdeploy.errors import SpecError
+from _rt_models import GRU_HIDDEN, gru_reference
+
+
+@pytest.fixture(scope="module")
+def rt_annotated(rt_gru_bare_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("annotate") / "gru_annotated.onnx"
+    spec = annotate(rt_gru_bare_path, out, states=["h=hN@1"], consts=["scale=0.25"])
+    return out, spec
+
+
+def test_spec_read_from_the_graph(rt_annotated):
+    out, spec = rt_annotated
+    assert read_spec(out) == spec
+    (st,) = spec.states
+    assert (st.name, st.output, st.shape, st.dtype, st.batch_axis) == ("h", "hN", (1, "batch", GRU_HIDDEN), "float32", 1)
+    assert spec.inputs[0].shape == ("T", "batch", 3) and spec.outputs[0].shape == ("T", "batch", GRU_HIDDEN)
+    assert spec.constants[0].value == 0.25
+    graph = onnx.load(str(out)).graph
+    assert [i.name for i in graph.input] == spec.graph_input_names  # contract order: inputs, constants, states
+    assert [o.name for o in graph.output] == spec.graph_output_names
+
+
+def test_annotated_model_streams_like_numpy(rt_annotated):
+    out, _ = rt_annotated
+    x = np.random.default_rng(5).normal(size=(10, 2, 3)).astype(np.float32)
+    s = wmdeploy.load(out).stream(batch=2)
+    ys = [s.step(x=x[t:t + n])["y"] for t, n in ((0, 1), (1, 4), (5, 5))]
+    y_ref, h_ref = gru_reference(x, scale=0.25)
+    np.testing.assert_allclose(np.concatenate(ys), y_ref, atol=1e-5)
+    np.testing.assert_allclose(s.state["h"], h_ref, atol=1e-5)
+
+
+def test_dict_forms_and_options(rt_gru_bare_path, tmp_path):
+    spec = annotate(rt_gru_bare_path, tmp_path / "a.onnx", states={"h": ("hN", 1)}, consts={"scale": 2},
+                    batch_axes={"x": 1}, inits={"h": 0.5}, chunk_invariant=True, meta={"kind": "gru"})
+    assert spec.states[0].init == 0.5 and spec.chunk_invariant and spec.meta == {"kind": "gru"}
+    s = wmdeploy.load(tmp_path / "a.onnx").stream()
+    np.testing.assert_array_equal(s.state["h"], np.full((1, 1, GRU_HIDDEN), 0.5, np.float32))
+
+
+def test_parsers():
+    assert parse_state("h=hN@1") == ("h", "hN", 1) and parse_state("a = b") == ("a", "b", 0)
+    assert parse_const("k=[1, 2]") == ("k", [1, 2])
+    for bad in ("h", "=x", "h=hN@one"):
+        with pytest.raises(SpecError):
+            parse_state(bad)
+    with pytest.raises(SpecError, match="JSON"):
+        parse_const("k=abc")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"states": ["nope=hN@1"], "consts": ["scale=1"]}, "state 'nope': not a graph input"),
+    ({"states": ["h=nope@1"], "consts": ["scale=1"]}, "output 'nope' is not a graph output"),
+    ({"states": ["h=hN@0"], "consts": ["scale=1"]}, "axis 0 is fixed at 1"),
+    ({"states": ["h=hN@5"], "consts": ["scale=1"]}, "out of range"),
+    ({"states": ["h=hN@1"], "consts": ["scale=[1, 2]"]}, "constant 'scale': value has shape"),
+    ({"states": ["h=hN@1"], "consts": ["nope=1"]}, "constant 'nope': not a graph input"),
+    ({"states": ["h=hN@1"], "consts": ["scale=1"], "batch_axes": {"zz": 0}}, "not data inputs"),
+])
+def test_clear_errors(rt_gru_bare_path, tmp_path, kwargs, message):
+    with pytest.raises(SpecError, match=message):
+        annotate(rt_gru_bare_path, tmp_path / "bad.onnx", **kwargs)
+
+
+def test_ambiguous_batch_axis_is_refused(rt_gru_bare_path, tmp_path):
+    # Without the state naming 'B', x [T, B, 3] has two symbolic axes and nothing to choose by.
+    model = onnx.load(str(rt_gru_bare_path))
+    model.graph.input[2].type.tensor_type.shape.dim[1].dim_param = "N"
+    src = tmp_path / "renamed.onnx"
+    onnx.save(model, str(src))
+    with pytest.raises(SpecError, match=r"tensor 'x': cannot tell its batch axis .*batch_axes"):
+        annotate(src, tmp_path / "out.onnx", states=["h=hN@1"], consts=["scale=1"])
+    spec = annotate(src, tmp_path / "out.onnx", states=["h=hN@1"], consts=["scale=1"], batch_axes={"x": 1, "y": 1})
+    assert spec.inputs[0].batch_axis == 1

@@ -1,0 +1,105 @@
+"""Triton model repositories: config parsed with Triton's schema, names and dims match the graph."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+import wmdeploy
+from wmdeploy import SpecError
+from wmdeploy.models.zoo import ZOO, build
+from wmdeploy.triton import BatchFirstRunner, TritonRepoError, validate_config, write_repository
+from tests import contract_models as cm
+
+#: small configs of every zoo architecture (the repository logic does not depend on size)
+SMALL = {
+    "gru_attention": {"hidden_size": 32, "memory": 8, "heads": 2},
+    "lstm_lm": {"embed_dim": 16, "hidden_size": 32, "num_layers": 2},
+    "lstm_lm_2x1024": {"embed_dim": 16, "hidden_size": 32},
+    "stacked_lstm": {},
+    "gated_memory": {"vocab_size": 40, "embed_dim": 16, "hidden_size": 24},
+    "memory_tokens": {"vocab_size": 40, "dim": 32, "memory_tokens": 4},
+    "sliding_window": {"vocab_size": 40, "dim": 32, "window": 12},
+}
+
+
+def _graph_dims(value) -> list[int]:
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_model_gives_a_repository_that_matches_its_graph(tmp_path, name):
+    torch.manual_seed(0)
+    module = build(name, {**ZOO[name].config, **SMALL.get(name, {})})
+    src = tmp_path / f"{name}.onnx"
+    wmdeploy.export(module, src, verify=False)
+    spec = module.streaming_spec()
+    repo = write_repository(src, tmp_path / "repo", max_batch=16, idle_timeout_s=30, strategy="direct")
+
+    config = text_format.Parse((tmp_path / "repo" / name / "config.pbtxt").read_text(), pb.ModelConfig())
+    assert config.name == name and config.backend == "onnxruntime" and config.max_batch_size == 16
+    assert config.sequence_batching.max_sequence_idle_microseconds == 30_000_000
+    assert config.sequence_batching.HasField("direct")
+    graph = onnx.load(str(repo.model_path)).graph
+    g_in = {v.name: v for v in graph.input}
+    g_out = {v.name: v for v in graph.output}
+    assert [i.name for i in config.input] == [t.name for t in spec.inputs]
+    assert [o.name for o in config.output] == [t.name for t in spec.outputs]
+    assert [(s.input_name, s.output_name) for s in config.sequence_batching.state] == [(s.name, s.output) for s in spec.states]
+    for i in config.input:
+        assert _graph_dims(g_in[i.name])[1:] == list(i.dims)
+    for s, st in zip(config.sequence_batching.state, spec.states):
+        assert _graph_dims(g_in[s.input_name])[0] == -1  # batch first in the served copy
+        assert _graph_dims(g_out[s.output_name])[1:] == list(s.dims)
+        assert int(np.prod(list(s.dims))) == int(np.prod(st.shape_for(1)))
+        assert s.initial_state[0].zero_data == (st.init == 0)
+        if st.init != 0:
+            data = (repo.model_dir / "initial_state" / s.initial_state[0].data_file).read_bytes()
+            assert np.all(np.frombuffer(data, dtype=st.np_dtype) == st.init)
+    needs_wrap = any(t.batch_axis != 0 or len(t.shape) == 1 for t in (*spec.inputs, *spec.outputs, *spec.states))
+    assert repo.wrapped == needs_wrap
+    if needs_wrap:
+        assert repo.verify_report.ok and "parity" in {r.check for r in repo.verify_report.rows}
+
+
+def test_wrapped_copy_streams_like_the_original(tmp_path):
+    torch.manual_seed(0)
+    module = cm.make_mixed()
+    src = tmp_path / "mixed.onnx"
+    wmdeploy.export(module, src, verify=False)
+    repo = write_repository(src, tmp_path / "repo", name="mixed_model")
+    assert any("batch axis 1 -> 0" in c for c in repo.changes)
+    served = wmdeploy.read_spec(repo.model_path)
+    assert served.states[0].shape == ("batch", 2, 8) and served.states[2].shape == ("batch", 1)
+    report = wmdeploy.verify(BatchFirstRunner(repo.model_path, module.streaming_spec()), module, steps=6)
+    assert report.ok, report.summary()
+    assert (repo.model_dir / "initial_state" / "slots.bin").stat().st_size == 3 * 8 * 4
+
+
+def test_constants_are_folded_for_triton(tmp_path, rt_gru_path):
+    """A third-party file with a constant input: Triton cannot feed it, so the copy carries it."""
+    spec = wmdeploy.read_spec(rt_gru_path)
+    assert spec.constants
+    repo = write_repository(rt_gru_path, tmp_path / "repo", name="gru")
+    config = text_format.Parse(repo.config_text, pb.ModelConfig())
+    assert {i.name for i in config.input}.isdisjoint({c.name for c in spec.constants})
+    assert any("folded" in c for c in repo.changes) and repo.verify_report.ok
+
+
+def test_bad_flags_and_inconsistent_configs_are_refused(tmp_path):
+    src = tmp_path / "lstm.onnx"
+    wmdeploy.export(cm.TinyLSTM(), src, verify=False)
+    with pytest.raises(SpecError, match="--strategy: 'fifo'"):
+        write_repository(src, tmp_path / "r", strategy="fifo")
+    with pytest.raises(SpecError, match="--max-batch: 0"):
+        write_repository(src, tmp_path / "r", max_batch=0)
+    assert not (tmp_path / "r").exists()
+    repo = write_repository(src, tmp_path / "r")
+    broken = repo.config_text.replace('input_name: "h"', 'input_name: "h_typo"')
+    with pytest.raises(TritonRepoError, match="'h_typo' is not a graph input"):
+        validate_config(broken, repo.model_path, wmdeploy.read_spec(repo.model_path))
+    with pytest.raises(TritonRepoError, match="does not parse"):
+        validate_config("max_batch_size: 'x'", repo.model_path, wmdeploy.read_spec(repo.model_path))

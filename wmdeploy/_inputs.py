@@ -1,0 +1,79 @@
+"""Checking a step's inputs against the spec, before anything touches the engine or the state.
+
+Policy: numpy arrays must already have the spec's dtype (no silent casts: float64 -> float32 loses
+precision and int64 -> int32 can wrap, and a silent cast hides a caller's bug). Python lists, tuples and
+scalars have no dtype of their own, so they are converted to the spec's dtype when that is lossless in
+kind (ints into a float input are fine, floats into an int input are refused).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from .contract import BATCH, StreamingSpec, TensorSpec, as_shape
+from .errors import InputError
+
+_KIND_OK = {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}  # spec dtype kind -> list value kinds accepted
+
+
+def _as_array(t: TensorSpec, value: Any, where: str) -> np.ndarray:
+    want = t.np_dtype
+    if isinstance(value, np.ndarray) or isinstance(value, np.generic):
+        arr = np.asarray(value)
+        if arr.dtype != want:
+            raise InputError(f"{where}input '{t.name}': dtype {arr.dtype}, expected {t.dtype} "
+                             f"(cast it explicitly, e.g. .astype(np.{t.dtype}); wmdeploy does not cast silently)")
+        return arr
+    if isinstance(value, (list, tuple, int, float, bool)):
+        try:
+            raw = np.asarray(value)
+        except ValueError as exc:
+            raise InputError(f"{where}input '{t.name}': cannot make an array of the given list ({exc})") from None
+        if raw.dtype.kind not in _KIND_OK[want.kind]:
+            raise InputError(f"{where}input '{t.name}': list of {raw.dtype} values, expected {t.dtype}")
+        try:
+            return np.asarray(value, dtype=want)
+        except (OverflowError, ValueError) as exc:
+            raise InputError(f"{where}input '{t.name}': values do not fit {t.dtype} ({exc})") from None
+    raise InputError(f"{where}input '{t.name}': got {type(value).__name__}, expected a numpy array of {t.dtype}")
+
+
+def check_inputs(spec: StreamingSpec, inputs: Mapping[str, Any], batch: int | None = None,
+                 where: str = "") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Validate ``inputs`` and return them as C-contiguous arrays plus the size of every named axis.
+
+    ``batch`` is the batch size the caller must match (a stream's batch, 1 for a pool member); ``None``
+    takes it from the inputs. ``where`` prefixes messages (``"stream 3: "``). Raises :class:`InputError`.
+    """
+    known = {t.name for t in spec.inputs}
+    unknown = [n for n in inputs if n not in known]
+    if unknown:
+        hint = " (constants and states are fed by the runtime)" if any(
+            n in {c.name for c in spec.constants} | {s.name for s in spec.states} for n in unknown) else ""
+        raise InputError(f"{where}input '{unknown[0]}': unknown; expected {sorted(known)}{hint}")
+    missing = [n for n in known if n not in inputs]
+    if missing:
+        raise InputError(f"{where}input '{missing[0]}': missing; expected {sorted(known)}")
+    sizes: dict[str, int] = {} if batch is None else {BATCH: batch}
+    out: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        arr = _as_array(t, inputs[t.name], where)
+        if arr.ndim != len(t.shape):
+            raise InputError(f"{where}input '{t.name}': rank {arr.ndim} (shape {list(arr.shape)}), "
+                             f"expected rank {len(t.shape)} {as_shape(t.shape)}")
+        for axis, (dim, size) in enumerate(zip(t.shape, arr.shape)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise InputError(f"{where}input '{t.name}': axis {axis} has size {size}, expected {dim} "
+                                     f"(shape {list(arr.shape)} vs {as_shape(t.shape)})")
+                continue
+            if size == 0:
+                raise InputError(f"{where}input '{t.name}': axis {axis} ('{dim}') is empty, expected at least 1")
+            seen = sizes.setdefault(dim, size)
+            if seen != size:
+                what = "the stream's batch" if dim == BATCH and batch is not None else f"'{dim}' of the other inputs"
+                raise InputError(f"{where}input '{t.name}': axis {axis} ('{dim}') has size {size}, expected {seen} "
+                                 f"({what})")
+        out[t.name] = np.ascontiguousarray(arr)
+    return out, sizes

@@ -1,0 +1,206 @@
+"""Adopt a third-party stateful ONNX file: name its state pairs and constants, write the spec into it.
+
+Everything else is read from the graph: state dtypes and shapes (the non-batch dims must be fixed ints),
+the other graph inputs become data inputs and the other outputs data outputs. The batch axis of a data
+tensor is found by this rule, in order:
+
+1. an explicit ``batch_axes={name: axis}`` entry;
+2. the one axis whose symbolic name (``dim_param``) equals the symbolic name of the states' batch axes;
+3. the only symbolic axis of the tensor;
+otherwise the batch axis is ambiguous and ``annotate`` refuses, naming the tensor and its symbolic axes.
+Other symbolic axes keep their graph name (so inputs sharing ``T`` must agree on it at run time).
+
+The output file also gets its graph inputs and outputs reordered into the contract's order (inputs,
+constants, states / outputs, state outputs), which ONNX allows since tensors are bound by name.
+Needs ``onnx`` (an authoring-time tool; the edge runtime does not).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .contract import BATCH, ONNX_CODE_TO_DTYPE, ConstantSpec, StateSpec, StreamingSpec, TensorSpec, write_spec
+from .errors import ModelFileError, SpecError
+
+
+def parse_state(text: str) -> tuple[str, str, int]:
+    """``"h=hN@1"`` -> ``("h", "hN", 1)``; the axis defaults to 0."""
+    name, sep, rest = text.partition("=")
+    out, _, axis = rest.partition("@")
+    if not sep or not name.strip() or not out.strip():
+        raise SpecError(f"state '{text}': expected IN=OUT or IN=OUT@AXIS")
+    try:
+        return name.strip(), out.strip(), int(axis) if axis.strip() else 0
+    except ValueError:
+        raise SpecError(f"state '{text}': axis '{axis}' is not an integer") from None
+
+
+def parse_const(text: str) -> tuple[str, Any]:
+    """``"scale=0.5"`` -> ``("scale", 0.5)``; the value is JSON (a number or a list)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise SpecError(f"constant '{text}': expected NAME=VALUE")
+    return name.strip(), _json_value(name.strip(), value)
+
+
+def _json_value(name: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise SpecError(f"constant '{name}': value {value!r} is not a JSON number or list") from None
+
+
+def _dims(vi: Any) -> list[int | str | None]:
+    """Graph dims: int for fixed, the dim_param for named, None for unknown."""
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        raise SpecError(f"tensor '{vi.name}': the graph gives it no shape; expected a known rank")
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in t.shape.dim]
+
+
+def _dtype(vi: Any) -> str:
+    code = vi.type.tensor_type.elem_type
+    if code not in ONNX_CODE_TO_DTYPE:
+        raise SpecError(f"tensor '{vi.name}': ONNX element type {code} is not supported by wmdeploy")
+    return ONNX_CODE_TO_DTYPE[code]
+
+
+def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) -> tuple[StateSpec, str | None]:
+    dims = _dims(vin)
+    if not -len(dims) <= axis < len(dims):
+        raise SpecError(f"state '{name}': batch axis {axis} is out of range for rank {len(dims)}")
+    axis %= len(dims)
+    if isinstance(dims[axis], int):
+        raise SpecError(f"state '{name}': axis {axis} is fixed at {dims[axis]} in the graph; the batch axis must be "
+                        "dynamic (re-export with a dynamic batch axis, or give another @AXIS)")
+    out_dims = _dims(vout) if vout.type.tensor_type.HasField("shape") else []
+    shape: list[int | str] = []
+    for i, d in enumerate(dims):
+        if i == axis:
+            shape.append(BATCH)
+            continue
+        if not isinstance(d, int) and i < len(out_dims) and isinstance(out_dims[i], int):
+            d = out_dims[i]  # the input is symbolic there but the output pins it
+        if not isinstance(d, int):
+            raise SpecError(f"state '{name}': axis {i} is '{d or '?'}' in the graph; a state's non-batch dims must be "
+                            "fixed ints (fix them in the graph, e.g. with onnx.tools.update_model_dims)")
+        shape.append(d)
+    if _dtype(vout) != _dtype(vin):
+        raise SpecError(f"state '{name}': output '{out}' is {_dtype(vout)} but the input is {_dtype(vin)}; expected the same")
+    return StateSpec(name, shape, _dtype(vin), init, out), dims[axis] if isinstance(dims[axis], str) else None
+
+
+def _data_spec(vi: Any, batch_params: set[str], override: int | None) -> TensorSpec:
+    dims = _dims(vi)
+    symbolic = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+    if override is not None:
+        if not -len(dims) <= override < len(dims):
+            raise SpecError(f"tensor '{vi.name}': batch axis {override} is out of range for rank {len(dims)}")
+        axis = override % len(dims)
+    else:
+        matching = [i for i in symbolic if dims[i] in batch_params]
+        if len(matching) == 1:
+            axis = matching[0]
+        elif len(symbolic) == 1:
+            axis = symbolic[0]
+        else:
+            listed = ", ".join(f"{i} ('{dims[i] or '?'}')" for i in symbolic) or "none"
+            raise SpecError(f"tensor '{vi.name}': cannot tell its batch axis (symbolic axes: {listed}); "
+                            f"pass batch_axes={{'{vi.name}': AXIS}}")
+    shape: list[int | str] = []
+    for i, d in enumerate(dims):
+        if i == axis:
+            shape.append(BATCH)
+        elif isinstance(d, int):
+            shape.append(d)
+        else:
+            shape.append(d if d and d != BATCH and d not in batch_params else f"{vi.name}_dim{i}")
+    return TensorSpec(vi.name, shape, _dtype(vi))
+
+
+def annotate(model_path: str | Path, out_path: str | Path, states: list[str] | Mapping[str, Any],
+             consts: Mapping[str, Any] | list[str] | None = None, *, batch_axes: Mapping[str, int] | None = None,
+             inits: Mapping[str, float | int | bool] | None = None, chunk_invariant: bool = False,
+             meta: Mapping[str, Any] | None = None) -> StreamingSpec:
+    """Write a spec into a copy of ``model_path`` at ``out_path`` and return it.
+
+    ``states``: ``["IN=OUT@AXIS", ...]`` or ``{IN: "OUT@AXIS" | (OUT, AXIS)}``; ``consts``: ``["NAME=VALUE",
+    ...]`` or ``{NAME: value}``; ``batch_axes`` overrides the batch axis of data tensors; ``inits`` gives
+    non-zero initial state values.
+    """
+    try:
+        import onnx  # noqa: PLC0415
+    except ImportError:
+        raise ModelFileError("annotate needs the 'onnx' package (pip install 'wmdeploy[export]')") from None
+    try:
+        model = onnx.load(str(model_path))
+    except Exception as exc:  # protobuf raises several types
+        raise ModelFileError(f"{model_path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    graph = model.graph
+    inits_names = {t.name for t in graph.initializer}
+    g_in = {vi.name: vi for vi in graph.input if vi.name not in inits_names}
+    g_out = {vi.name: vi for vi in graph.output}
+
+    pairs: list[tuple[str, str, int]] = []
+    if isinstance(states, Mapping):
+        for k, v in states.items():
+            pairs.append((k, v[0], int(v[1])) if isinstance(v, (tuple, list)) else parse_state(f"{k}={v}"))
+    else:
+        pairs = [parse_state(s) for s in states]
+    const_items = list(consts.items()) if isinstance(consts, Mapping) else [parse_const(c) for c in consts or []]
+
+    state_specs, batch_params = [], set()
+    for name, out, axis in pairs:
+        if name not in g_in:
+            raise SpecError(f"state '{name}': not a graph input; inputs are {sorted(g_in)}")
+        if out not in g_out:
+            raise SpecError(f"state '{name}': output '{out}' is not a graph output; outputs are {sorted(g_out)}")
+        spec, param = _state_spec(name, out, axis, g_in[name], g_out[out], (inits or {}).get(name, 0))
+        state_specs.append(spec)
+        if param:
+            batch_params.add(param)
+
+    const_specs = []
+    for name, value in const_items:
+        if name not in g_in:
+            raise SpecError(f"constant '{name}': not a graph input; inputs are {sorted(g_in)}")
+        value = _json_value(name, value)
+        c = ConstantSpec(name, np.asarray(value).tolist(), _dtype(g_in[name]))
+        want = _dims(g_in[name])
+        have = c.array().shape
+        if len(have) != len(want) or any(isinstance(w, int) and w != h for w, h in zip(want, have)):
+            raise SpecError(f"constant '{name}': value has shape {list(have)}, the graph expects {want}")
+        const_specs.append(c)
+
+    taken_in = {s.name for s in state_specs} | {c.name for c in const_specs}
+    taken_out = {s.output for s in state_specs}
+    over = dict(batch_axes or {})
+    inputs = [_data_spec(vi, batch_params, over.pop(n, None)) for n, vi in g_in.items() if n not in taken_in]
+    outputs = [_data_spec(vi, batch_params, over.pop(n, None)) for n, vi in g_out.items() if n not in taken_out]
+    if over:
+        raise SpecError(f"batch_axes: {sorted(over)} are not data inputs or outputs of the graph")
+    spec = StreamingSpec(inputs, outputs, state_specs, const_specs, chunk_invariant, dict(meta or {}))
+
+    # Reorder the graph's inputs/outputs into the contract's order (initializer-inputs of old exports last).
+    order_in = spec.graph_input_names
+    rest = [vi for vi in graph.input if vi.name not in set(order_in)]
+    new_in = [g_in[n] for n in order_in] + rest
+    new_out = [g_out[n] for n in spec.graph_output_names]
+    copies_in, copies_out = [type(v)() for v in new_in], [type(v)() for v in new_out]
+    for dst, src in zip(copies_in + copies_out, new_in + new_out):
+        dst.CopyFrom(src)
+    del graph.input[:]
+    graph.input.extend(copies_in)
+    del graph.output[:]
+    graph.output.extend(copies_out)
+    write_spec(model, spec)
+    try:
+        onnx.save(model, str(out_path))
+    except Exception as exc:
+        raise ModelFileError(f"{out_path}: cannot write the annotated model ({type(exc).__name__}: {exc})") from None
+    return spec

@@ -1,0 +1,68 @@
+"""``wmdeploy chat``: a conversation held in one stream's working memory.
+
+Each turn appends the user's line (and a newline, when the vocabulary has one) to the same stream and
+generates the reply on it; the model remembers earlier turns through its state alone — the history is
+never re-fed. Commands: ``/reset`` (a fresh memory), ``/save FILE`` and ``/load FILE`` (snapshots),
+``/quit``. Works the same when standard input is a pipe (one turn per line).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from .errors import WmdeployError
+from .generation import generate, language_model_info
+
+
+def chat(model: Any, lines: Iterable[str], out: TextIO, *, max_tokens: int = 80, temperature: float = 0.0,
+         top_k: int = 0, top_p: float = 1.0, seed: int | None = 0, prompt: str = "> ",
+         separator: str | None = None) -> Any:
+    """Run a conversation over ``lines``; returns the stream (its memory holds the whole conversation).
+
+    ``separator`` ends each user turn and each reply (default: a newline when the vocabulary can encode
+    one, else nothing). Turn ``i`` samples with ``seed + i`` so a replayed conversation is identical.
+    """
+    info = language_model_info(model.spec, str(model.path))
+    if separator is None:
+        try:
+            info.tokenizer.encode("\n")
+            separator = "\n"
+        except WmdeployError:
+            separator = ""
+    stream = model.stream()
+    turn = 0
+    out.write(prompt)
+    out.flush()
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        command, _, arg = line.strip().partition(" ")
+        try:
+            if command == "/quit":
+                break
+            if command == "/reset":
+                stream.reset()
+                out.write("(memory reset)\n")
+            elif command == "/save":
+                Path(arg.strip()).write_bytes(stream.snapshot())
+                out.write(f"(saved {stream.steps} steps of memory to {arg.strip()})\n")
+            elif command == "/load":
+                stream = model.stream(snapshot=Path(arg.strip()).read_bytes())
+                out.write(f"(loaded {arg.strip()})\n")
+            elif line:
+                run = generate(stream, line + separator, max_tokens=max_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
+                               stop=separator or None)
+                reply = ""
+                for piece in run:
+                    reply += piece
+                    out.write(piece)
+                    out.flush()
+                if not reply.endswith("\n"):
+                    out.write("\n")
+                turn += 1
+        except (WmdeployError, OSError) as exc:
+            out.write(f"error: {' '.join(str(exc).split())}\n")
+        out.write(prompt)
+        out.flush()
+    out.write("\n")
+    return stream

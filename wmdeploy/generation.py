@@ -1,0 +1,211 @@
+"""Text generation from a streaming language model: prefill in chunks, then sample one token per step.
+
+The whole conversation lives in the stream's state: each call appends to it, nothing is ever re-fed.
+The model file says everything needed (no side files): its spec ``meta`` names the token input
+(``tokens_input``), the logits output (``logits_output``) and the vocabulary (``vocab``: ``bytes``, or
+``chars`` with the characters in id order). Torch-free: numpy + the streaming runtime.
+"""
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from .contract import StreamingSpec
+from .errors import InputError, SpecError
+
+#: Prompt chunk length for prefill when the model sets no ``max_chunk``.
+PREFILL_CHUNK = 64
+
+
+class Tokenizer:
+    """Byte or character vocabulary, as declared in the model's metadata."""
+
+    def __init__(self, vocab: dict[str, Any], vocab_size: int):
+        self.kind = vocab.get("kind")
+        self.vocab_size = vocab_size
+        if self.kind == "bytes":
+            if vocab_size < 256:
+                raise SpecError(f"vocab: kind 'bytes' needs vocab_size >= 256, the spec says {vocab_size}")
+        elif self.kind == "chars":
+            self.chars = str(vocab.get("chars", ""))
+            if not self.chars:
+                raise SpecError("vocab: kind 'chars' needs the characters in id order under 'chars'")
+            self.index = {c: i for i, c in enumerate(self.chars)}
+        else:
+            raise SpecError(f"vocab: kind {self.kind!r} cannot turn text into tokens; expected 'bytes' or 'chars'")
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "bytes":
+            return list(text.encode("utf-8"))
+        unknown = sorted({c for c in text if c not in self.index})
+        if unknown:
+            raise InputError(f"prompt: characters {''.join(unknown)!r} are not in the model's vocabulary "
+                             f"{self.chars!r}")
+        return [self.index[c] for c in text]
+
+    def decoder(self) -> "Decoder":
+        return Decoder(self)
+
+
+class Decoder:
+    """Incremental: a multi-byte UTF-8 character is printed once all its bytes have arrived."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> str:
+        if self.tokenizer.kind == "bytes":
+            return self._utf8.decode(bytes([token % 256])) if token < 256 else ""
+        chars = self.tokenizer.chars
+        return chars[token] if token < len(chars) else ""
+
+
+@dataclass(frozen=True)
+class LanguageModelInfo:
+    tokens_input: str
+    logits_output: str
+    tokenizer: Tokenizer
+    max_chunk: int
+
+
+def language_model_info(spec: StreamingSpec, source: str = "model") -> LanguageModelInfo:
+    """What generation needs from a spec, or a clear error naming what is missing."""
+    meta = spec.meta
+    missing = [key for key in ("tokens_input", "logits_output", "vocab") if key not in meta]
+    if missing:
+        raise SpecError(f"{source} is not a language model wmdeploy can generate from: its spec meta lacks "
+                        f"{', '.join(repr(m) for m in missing)} (inputs {[t.name for t in spec.inputs]}, "
+                        f"outputs {[t.name for t in spec.outputs]})")
+    tokens = spec.input(meta["tokens_input"])
+    logits = spec.output(meta["logits_output"])
+    if tokens.np_dtype.kind not in "iu" or tokens.shape != ("batch", "time"):
+        raise SpecError(f"{source}: token input '{tokens.name}' is {tokens.dtype} {list(tokens.shape)}; "
+                        "expected integer ['batch', 'time']")
+    if logits.shape[:2] != ("batch", "time") or len(logits.shape) != 3:
+        raise SpecError(f"{source}: logits output '{logits.name}' is {list(logits.shape)}; expected ['batch', 'time', vocab]")
+    vocab_size = int(meta.get("vocab_size", logits.shape[2] if isinstance(logits.shape[2], int) else 0))
+    return LanguageModelInfo(tokens.name, logits.name, Tokenizer(meta["vocab"], vocab_size),
+                             int(meta.get("max_chunk", PREFILL_CHUNK)) or PREFILL_CHUNK)
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0) -> int:
+    """One token id from a logits vector: greedy at temperature 0, else top-k / nucleus sampling."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - np.max(z))
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        cumulative = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cumulative, top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    state_bytes_per_stream: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "prefill_s": self.prefill_s,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s, "generated_tokens": self.generated_tokens,
+                "decode_s": self.decode_s, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "state_bytes_per_stream": self.state_bytes_per_stream}
+
+
+@dataclass
+class Generation:
+    """Iterate for text pieces as tokens are sampled; ``tokens`` and ``stats`` fill in as it runs."""
+
+    stream: Any
+    prompt: str
+    max_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def __iter__(self) -> Iterator[str]:
+        spec: StreamingSpec = self.stream.spec
+        info = language_model_info(spec, str(getattr(self.stream.model, "path", "model")))
+        rng = np.random.default_rng(self.seed)
+        ids = info.tokenizer.encode(self.prompt)
+        self.stats.state_bytes_per_stream = spec.state_bytes_per_stream
+        self.stats.prompt_tokens = len(ids)
+        decode = info.tokenizer.decoder()
+        last = self._prefill(info, ids)
+        if last is None:
+            raise InputError("prompt: empty; generation needs at least one token to condition on")
+        text = ""
+        for _ in range(self.max_tokens):
+            started = time.perf_counter()  # time the engine and sampling, not the consumer between yields
+            token = sample(last, rng, self.temperature, self.top_k, self.top_p)
+            self.tokens.append(token)
+            self.stats.generated_tokens += 1
+            # Every sampled token goes into the working memory, so the next turn continues from here.
+            out = self.stream.step(**{info.tokens_input: np.array([[token]], dtype=np.int64)})
+            last = out[info.logits_output][0, -1]
+            self.stats.decode_s += time.perf_counter() - started
+            piece = decode(token)
+            text += piece
+            if piece:
+                yield piece
+            if self.stop and text.endswith(self.stop):
+                break
+
+    def _prefill(self, info: LanguageModelInfo, ids: list[int]) -> np.ndarray | None:
+        started = time.perf_counter()
+        last = None
+        for start in range(0, len(ids), info.max_chunk):
+            chunk = np.array([ids[start:start + info.max_chunk]], dtype=np.int64)
+            last = self.stream.step(**{info.tokens_input: chunk})[info.logits_output][0, -1]
+        self.stats.prefill_s = time.perf_counter() - started
+        return last
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+def generate(model_or_stream: Any, prompt: str, *, max_tokens: int = 100, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: str | None = None) -> Generation:
+    """Continue ``prompt`` on a stream (or a fresh stream of a ``Model``); iterate for text pieces.
+
+    The prompt is appended to the stream's working memory and so is every sampled token: calling
+    ``generate`` again on the same stream continues the same conversation without re-reading it.
+    """
+    if not 0 < top_p <= 1:
+        raise InputError(f"--top-p: {top_p}; expected a probability in (0, 1]")
+    if max_tokens < 0 or top_k < 0:
+        raise InputError(f"--max-tokens/--top-k: expected non-negative values, got {max_tokens}/{top_k}")
+    stream = model_or_stream.stream() if hasattr(model_or_stream, "pool") else model_or_stream
+    if getattr(stream, "batch", 1) != 1:
+        raise InputError(f"stream batch {stream.batch}: generation streams one sequence (batch 1)")
+    return Generation(stream, prompt, max_tokens, temperature, top_k, top_p, seed, stop)
