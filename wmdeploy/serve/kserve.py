@@ -1,0 +1,217 @@
+"""KServe v2 / Open Inference Protocol over HTTP: JSON tensors, Triton's binary tensor data extension, and
+Triton's sequence extension parameters.
+
+Requests (``POST /v2/models/{m}/infer``): a JSON object, optionally followed by raw tensor bytes; the
+``Inference-Header-Content-Length`` header then gives the JSON's length, and each binary input carries
+``parameters.binary_data_size`` (little-endian, row-major, in input order). Responses mirror it: an output
+is binary when its request entry says ``binary_data: true``, or when the request parameter
+``binary_data_output`` is true (tritonclient sets it when no outputs are listed).
+
+Sequence parameters: ``sequence_id`` (uint64 or string; 0 / "" means none), ``sequence_start``,
+``sequence_end``. Every error is a :class:`KServeError` with a one-line message naming the field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import numpy as np
+
+from .._inputs import check_inputs
+from ..contract import BATCH, StreamingSpec
+from ..errors import InputError, WmdeployError
+
+#: KServe datatype <-> spec dtype (BYTES and BF16 have no spec dtype).
+TO_KSERVE = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int32": "INT32", "int64": "INT64",
+             "float16": "FP16", "float32": "FP32", "float64": "FP64"}
+FROM_KSERVE = {v: k for k, v in TO_KSERVE.items()}
+_LE = {k: np.dtype(k).newbyteorder("<") for k in TO_KSERVE}
+
+
+class KServeError(WmdeployError):
+    """A malformed v2 request (answered 400 with ``{"error": ...}``)."""
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    sequence: str | None  # sequence_id as a session key (str(uint64) or the string)
+    start: bool
+    end: bool
+    inputs: dict[str, np.ndarray]  # checked against the spec (batch 1)
+    outputs: list[tuple[str, bool]] | None  # requested (name, binary); None = every data output
+    binary_default: bool
+
+
+def _flag(params: dict[str, Any], name: str) -> bool:
+    v = params.get(name, False)
+    if not isinstance(v, bool):
+        raise KServeError(f"parameters.{name}: {v!r}, expected true or false")
+    return v
+
+
+def _sequence_key(params: dict[str, Any]) -> str | None:
+    sid = params.get("sequence_id", 0)
+    if isinstance(sid, bool) or not isinstance(sid, (int, str)):
+        raise KServeError(f"parameters.sequence_id: {sid!r}, expected a uint64 or a string")
+    if isinstance(sid, int) and not 0 <= sid < 2 ** 64:
+        raise KServeError(f"parameters.sequence_id: {sid}, expected a uint64 (0 <= id < 2**64)")
+    return None if sid in (0, "") else str(sid)
+
+
+def _tensor(spec: StreamingSpec, entry: Any, binary: memoryview, pos: int) -> tuple[str, np.ndarray, int]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise KServeError(f"inputs: each entry must be an object with a 'name', got {str(entry)[:80]}")
+    name = entry["name"]
+    want = next((t for t in spec.inputs if t.name == name), None)
+    if want is None:
+        raise KServeError(f"input '{name}': unknown; expected {sorted(t.name for t in spec.inputs)}")
+    shape, datatype = entry.get("shape"), entry.get("datatype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise KServeError(f"input '{name}': shape {shape!r}, expected a list of non-negative integers")
+    if datatype != TO_KSERVE[want.dtype]:
+        raise KServeError(f"input '{name}': datatype {datatype!r}, expected {TO_KSERVE[want.dtype]!r}")
+    dtype, count = _LE[want.dtype], prod(shape)
+    params = entry.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if size is not None:
+        if not isinstance(size, int) or size != count * dtype.itemsize:
+            raise KServeError(f"input '{name}': binary_data_size {size!r}, expected {count * dtype.itemsize} "
+                              f"({datatype} x shape {shape})")
+        if pos + size > len(binary):
+            raise KServeError(f"input '{name}': binary data runs past the end of the body "
+                              f"({len(binary) - pos} bytes left, {size} needed)")
+        arr = np.frombuffer(binary, dtype=dtype, count=count, offset=pos).astype(want.np_dtype).reshape(shape)
+        return name, arr, pos + size
+    if "data" not in entry:
+        raise KServeError(f"input '{name}': no 'data' and no parameters.binary_data_size")
+    try:
+        raw = np.asarray(entry["data"])
+    except ValueError as exc:
+        raise KServeError(f"input '{name}': 'data' is not a regular array ({exc})") from None
+    if raw.size and raw.dtype.kind not in {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}[want.np_dtype.kind]:
+        raise KServeError(f"input '{name}': 'data' holds {raw.dtype} values, expected {datatype}")
+    if raw.size != count:
+        raise KServeError(f"input '{name}': 'data' has {raw.size} elements, shape {shape} needs {count}")
+    try:
+        arr = raw.astype(want.np_dtype).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise KServeError(f"input '{name}': values do not fit {datatype} ({exc})") from None
+    return name, arr, pos
+
+
+def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None) -> InferRequest:
+    """Parse and check a v2 infer request body against ``spec`` (every input at batch 1)."""
+    if header_length is not None:
+        try:
+            hlen = int(header_length)
+        except ValueError:
+            raise KServeError(f"Inference-Header-Content-Length: {header_length!r}, expected an integer") from None
+        if not 0 < hlen <= len(body):
+            raise KServeError(f"Inference-Header-Content-Length: {hlen}, expected 1..{len(body)} (the body's length)")
+    else:
+        hlen = len(body)
+    try:
+        req = json.loads(body[:hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KServeError(f"request body: not valid JSON ({exc})") from None
+    if not isinstance(req, dict):
+        raise KServeError("request body: expected a JSON object with 'inputs'")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise KServeError("parameters: expected an object")
+    entries = req.get("inputs")
+    if not isinstance(entries, list):
+        raise KServeError("inputs: missing, expected a list of tensors")
+    binary, pos, inputs = memoryview(body)[hlen:], 0, {}
+    for entry in entries:
+        name, arr, pos = _tensor(spec, entry, binary, pos)
+        if name in inputs:
+            raise KServeError(f"input '{name}': given twice")
+        inputs[name] = arr
+    if pos != len(binary):
+        raise KServeError(f"request body: {len(binary) - pos} bytes of binary data that no input claims")
+    try:
+        feeds, _ = check_inputs(spec, inputs, 1)
+    except InputError as exc:
+        raise KServeError(f"{exc} (one sequence per request: the '{BATCH}' axis is 1)") from None
+    outputs = None
+    if req.get("outputs") is not None:
+        if not isinstance(req["outputs"], list):
+            raise KServeError("outputs: expected a list of {'name': ...} objects")
+        known = [t.name for t in spec.outputs] + [s.output for s in spec.states]
+        outputs = []
+        for o in req["outputs"]:
+            name = o.get("name") if isinstance(o, dict) else None
+            if name not in known:
+                raise KServeError(f"output {name!r}: unknown; expected one of {known}")
+            op = o.get("parameters") or {}
+            outputs.append((name, bool(op.get("binary_data", _flag(params, "binary_data_output")))))
+    rid = req.get("id")
+    return InferRequest(id=str(rid) if rid is not None else None, sequence=_sequence_key(params),
+                        start=_flag(params, "sequence_start"), end=_flag(params, "sequence_end"),
+                        inputs=feeds, outputs=outputs, binary_default=_flag(params, "binary_data_output"))
+
+
+def encode_response(model_name: str, req: InferRequest, tensors: dict[str, np.ndarray],
+                    spec: StreamingSpec) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers (``Inference-Header-Content-Length`` when any output is binary)."""
+    dtypes = {t.name: t.dtype for t in spec.outputs} | {s.output: s.dtype for s in spec.states}
+    wanted = req.outputs if req.outputs is not None else [(t.name, req.binary_default) for t in spec.outputs]
+    outs, blobs = [], []
+    for name, binary in wanted:
+        arr = tensors[name]
+        entry: dict[str, Any] = {"name": name, "datatype": TO_KSERVE[dtypes[name]], "shape": list(arr.shape)}
+        if binary:
+            raw = np.ascontiguousarray(arr, dtype=_LE[dtypes[name]]).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        outs.append(entry)
+    head: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": outs}
+    if req.id is not None:
+        head["id"] = req.id
+    if req.sequence is not None:
+        head["parameters"] = {"sequence_id": req.sequence}
+    text = json.dumps(head, separators=(",", ":")).encode()
+    if not blobs:
+        return text, {"content-type": "application/json"}
+    return text + b"".join(blobs), {"content-type": "application/octet-stream",
+                                    "inference-header-content-length": str(len(text))}
+
+
+def model_metadata(name: str, spec: StreamingSpec) -> dict[str, Any]:
+    def dims(shape: tuple[Any, ...]) -> list[int]:
+        return [1 if d == BATCH else (d if isinstance(d, int) else -1) for d in shape]
+
+    return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": t.name, "datatype": TO_KSERVE[t.dtype], "shape": dims(t.shape)} for t in spec.inputs],
+            "outputs": [{"name": t.name, "datatype": TO_KSERVE[t.dtype], "shape": dims(t.shape)} for t in spec.outputs]}
+
+
+def model_config(name: str, spec: StreamingSpec, *, max_batch: int, window_ms: float, ttl: float | None,
+                 max_sessions: int) -> dict[str, Any]:
+    """A Triton-style model configuration (``max_batch_size`` 0: dims carry the batch axis as 1)."""
+    def dims(shape: tuple[Any, ...]) -> list[int]:
+        return [1 if d == BATCH else (d if isinstance(d, int) else -1) for d in shape]
+
+    def tio(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "data_type": "TYPE_" + TO_KSERVE[t.dtype], "dims": dims(t.shape)}
+
+    seq: dict[str, Any] = {
+        "state": [{"input_name": s.name, "output_name": s.output, "data_type": "TYPE_" + TO_KSERVE[s.dtype],
+                   "dims": dims(s.shape), "initial_state": {"name": f"{s.name}_init", "zero_data": s.init == 0,
+                                                           "data_type": "TYPE_" + TO_KSERVE[s.dtype]}}
+                  for s in spec.states],
+        "max_candidate_sequences": max_sessions,
+    }
+    if ttl is not None:
+        seq["max_sequence_idle_microseconds"] = int(ttl * 1e6)
+    return {"name": name, "platform": "onnxruntime_onnx", "backend": "onnxruntime", "max_batch_size": 0,
+            "input": [tio(t) for t in spec.inputs], "output": [tio(t) for t in spec.outputs],
+            "sequence_batching": seq,
+            "parameters": {"wmdeploy.max_batch": {"string_value": str(max_batch)},
+                           "wmdeploy.batch_window_ms": {"string_value": f"{window_ms:g}"}}}

@@ -1,0 +1,108 @@
+"""Prometheus metrics in the plain-text exposition format (version 0.0.4), written by hand.
+
+Hand-written rather than ``prometheus_client`` because the server needs five metric families and the
+serve extra stays at fastapi + uvicorn. Updated from the event loop and the engine thread, hence the lock.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
+    if not pairs:
+        return ""
+    esc = [(k, v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")) for k, v in pairs]
+    return "{" + ",".join(f'{k}="{v}"' for k, v in esc) + "}"
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        for i, edge in enumerate(self.buckets):
+            if value <= edge:
+                self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+
+class Metrics:
+    """Counters, gauges (read at scrape time) and histograms of one server."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[tuple[str, str], ...], int] = {}
+        self.evictions: dict[str, int] = {}
+        self.batch_size = _Histogram(BATCH_BUCKETS)
+        self.engine_seconds = _Histogram(SECONDS_BUCKETS)
+        self.persist_seconds = _Histogram(SECONDS_BUCKETS)
+        self.request_seconds = _Histogram(SECONDS_BUCKETS)
+        self.restores = 0
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def request(self, route: str, method: str, code: int, seconds: float, step: bool) -> None:
+        key = (("route", route), ("method", method), ("code", str(code)))
+        with self._lock:
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if step:
+                self.request_seconds.observe(seconds)
+
+    def batch(self, size: int, engine_s: float, persist_s: float | None) -> None:
+        with self._lock:
+            self.batch_size.observe(size)
+            self.engine_seconds.observe(engine_s)
+            if persist_s is not None:
+                self.persist_seconds.observe(persist_s)
+
+    def evicted(self, reason: str) -> None:
+        with self._lock:
+            self.evictions[reason] = self.evictions.get(reason, 0) + 1
+
+    def restored(self) -> None:
+        with self._lock:
+            self.restores += 1
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self.gauges[name] = (help_text, read)
+
+    def render(self) -> str:
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        def histogram(name: str, help_text: str, h: _Histogram) -> None:
+            family(name, "histogram", help_text)
+            for edge, count in zip(h.buckets, h.counts):
+                out.append(f'{name}_bucket{{le="{edge}"}} {count}')
+            out.append(f'{name}_bucket{{le="+Inf"}} {h.n}')
+            out.append(f"{name}_sum {h.total:.9g}")
+            out.append(f"{name}_count {h.n}")
+
+        with self._lock:
+            family("wmdeploy_requests_total", "counter", "HTTP requests by route template, method and status code")
+            for key, n in sorted(self.requests.items()):
+                out.append(f"wmdeploy_requests_total{_labels(key)} {n}")
+            family("wmdeploy_evictions_total", "counter", "sessions taken out of memory, by reason (ttl, capacity)")
+            for reason in ("ttl", "capacity"):
+                out.append(f'wmdeploy_evictions_total{{reason="{reason}"}} {self.evictions.get(reason, 0)}')
+            family("wmdeploy_restores_total", "counter", "evicted or persisted sessions restored from --persist")
+            out.append(f"wmdeploy_restores_total {self.restores}")
+            histogram("wmdeploy_batch_size", "sessions stepped together in one pool step", self.batch_size)
+            histogram("wmdeploy_engine_step_seconds", "one batched pool step (engine calls)", self.engine_seconds)
+            histogram("wmdeploy_persist_seconds", "writing a batch's snapshots to the state log (one fsync)",
+                      self.persist_seconds)
+            histogram("wmdeploy_step_request_seconds", "a step request, received to answered", self.request_seconds)
+        for name, (help_text, read) in self.gauges.items():
+            family(name, "gauge", help_text)
+            out.append(f"{name} {read():.9g}")
+        return "\n".join(out) + "\n"

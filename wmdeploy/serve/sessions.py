@@ -1,0 +1,202 @@
+"""The session table: which session key lives in which ``StreamPool`` slot, its LRU order, TTL and persistence.
+
+Touched only by the engine thread (see :mod:`.batcher`), like the pool it owns, so it needs no locks.
+
+A session is *resident* (it has a pool stream) or, with ``--persist``, *on disk* only (its latest snapshot
+is in the :class:`~.persist.StateLog`). With ``--persist`` every acknowledged change (create, step, reset)
+is already in the log before it is answered, so evicting a session is free (it just leaves the pool) and
+restoring it is a ``pool.join(snapshot)`` on its next request. Without ``--persist`` an evicted session
+is gone, and the server says so (and why) when the client comes back, instead of a bare "unknown".
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .. import snapshot as _snap
+from ..errors import CapacityError, WmdeployError
+from ..streaming import Model
+from .metrics import Metrics
+from .persist import StateLog
+
+log = logging.getLogger("wmdeploy.serve")
+_FORGET_MAX = 10_000  # evicted keys remembered (without --persist) to explain a later 404
+
+
+class UnknownSession(WmdeployError):
+    """A session or sequence id that this server does not hold."""
+
+
+class SessionExists(WmdeployError):
+    """Creating a session under an id that is already in use."""
+
+
+@dataclass
+class Session:
+    key: str
+    sid: int
+    steps: int
+    last_used: float
+
+
+class SessionTable:
+    """Resident sessions in LRU order (oldest first), plus the persisted ones in ``log``."""
+
+    def __init__(self, model: Model, capacity: int, ttl: float | None, log_: StateLog | None,
+                 metrics: Metrics) -> None:
+        self.model, self.capacity, self.ttl, self.log, self.metrics = model, capacity, ttl, log_, metrics
+        self.pool = model.pool(capacity)
+        self.live: OrderedDict[str, Session] = OrderedDict()
+        self.forgotten: OrderedDict[str, str] = OrderedDict()
+
+    # ---- lookups ------------------------------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self.live or (self.log is not None and key in self.log)
+
+    def count_on_disk(self) -> int:
+        return 0 if self.log is None else sum(1 for k in self.log.keys() if k not in self.live)
+
+    def _unknown(self, key: str, what: str) -> UnknownSession:
+        why = self.forgotten.get(key)
+        if why:
+            return UnknownSession(f"{what} '{key}': {why}; start it again")
+        hint = "; begin it with sequence_start=true" if what == "sequence" else "; create it with POST /v1/sessions"
+        return UnknownSession(f"{what} '{key}': unknown{hint}")
+
+    # ---- residency ----------------------------------------------------------------------------------
+    def _make_room(self, busy: set[str]) -> None:
+        """Free a slot: evict the least-recently-used idle session if it is past its TTL, else refuse."""
+        if len(self.pool) < self.capacity:
+            return
+        now = time.monotonic()
+        for key, sess in self.live.items():  # oldest first
+            if key in busy:
+                continue
+            if self.ttl is not None and now - sess.last_used >= self.ttl:
+                self.evict(key, "capacity")
+                return
+            break  # the LRU idle session is younger than the TTL: so is every other
+        ttl = "no --session-ttl is set" if self.ttl is None else f"none has been idle for --session-ttl {self.ttl:g} s"
+        raise CapacityError(f"server: all {self.capacity} sessions are live (--max-sessions {self.capacity}) and "
+                            f"{ttl}; end or delete a session, or retry later")
+
+    def _join(self, key: str, snapshot: bytes | None, busy: set[str]) -> Session:
+        self._make_room(busy)
+        sid = self.pool.join(snapshot)
+        steps = int(_snap.meta(snapshot).get("steps", 0)) if snapshot is not None else 0
+        sess = Session(key, sid, steps, time.monotonic())
+        self.live[key] = sess
+        self.forgotten.pop(key, None)
+        return sess
+
+    def resident(self, key: str, what: str = "session", busy: set[str] | None = None) -> Session:
+        """The session, restored from the log into the pool if it was evicted; raises if unknown."""
+        sess = self.live.get(key)
+        if sess is None:
+            blob = self.log.read(key) if self.log is not None else None
+            if blob is None:
+                raise self._unknown(key, what)
+            sess = self._join(key, blob, busy or {key})
+            self.metrics.restored()
+            log.info("restored", extra={"event": "restore", "session": key, "steps": sess.steps})
+        return sess
+
+    def touch(self, sess: Session) -> None:
+        sess.last_used = time.monotonic()
+        self.live.move_to_end(sess.key)
+
+    def evict(self, key: str, reason: str) -> None:
+        sess = self.live.pop(key)
+        self.pool.leave(sess.sid)
+        self.metrics.evicted(reason)
+        if self.log is None:
+            self.forgotten[key] = (f"was evicted after {self.ttl:g} s idle (--session-ttl) and the server has "
+                                   "no --persist") if self.ttl is not None else "was evicted"
+            while len(self.forgotten) > _FORGET_MAX:
+                self.forgotten.popitem(last=False)
+        log.info("evicted", extra={"event": "evict", "session": key, "reason": reason,
+                                   "persisted": self.log is not None})
+
+    def drop_resident(self, key: str) -> None:
+        """Forget the in-memory state (after a failed persist): the next request restores the durable one."""
+        sess = self.live.pop(key, None)
+        if sess is not None:
+            self.pool.leave(sess.sid)
+
+    def sweep(self) -> int:
+        """Evict every resident session idle past the TTL; return how many."""
+        if self.ttl is None:
+            return 0
+        cutoff, n = time.monotonic() - self.ttl, 0
+        while self.live:
+            key, sess = next(iter(self.live.items()))
+            if sess.last_used > cutoff:
+                break
+            self.evict(key, "ttl")
+            n += 1
+        return n
+
+    # ---- operations (each durable before it returns, with --persist) --------------------------------
+    def _persist(self, records: list[tuple[str, bytes | None]]) -> None:
+        if self.log is not None:
+            self.log.append(records)
+
+    def create(self, key: str, snapshot: bytes | None = None) -> dict[str, Any]:
+        if key in self:
+            raise SessionExists(f"session '{key}': already exists; delete it first or step it")
+        sess = self._join(key, snapshot, {key})
+        try:
+            self._persist([(key, self.pool.snapshot(sess.sid))])
+        except Exception:
+            self.drop_resident(key)
+            raise
+        return self.info(key)
+
+    def start(self, key: str, busy: set[str]) -> Session:
+        """A sequence (re)start: the initial state, whatever was there before (no state leaks)."""
+        sess = self.live.get(key)
+        if sess is None:
+            return self._join(key, None, busy)
+        self.pool.reset(sess.sid)
+        sess.steps = 0
+        return sess
+
+    def reset(self, key: str) -> dict[str, Any]:
+        sess = self.resident(key)
+        self.pool.reset(sess.sid)
+        sess.steps = 0
+        self.touch(sess)
+        self._persist([(key, self.pool.snapshot(sess.sid))])
+        return self.info(key)
+
+    def delete(self, key: str) -> None:
+        if key not in self:
+            raise self._unknown(key, "session")
+        sess = self.live.pop(key, None)
+        if sess is not None:
+            self.pool.leave(sess.sid)
+        self._persist([(key, None)])
+
+    def snapshot(self, key: str) -> bytes:
+        sess = self.live.get(key)
+        if sess is not None:
+            return self.pool.snapshot(sess.sid)
+        blob = self.log.read(key) if self.log is not None else None
+        if blob is None:
+            raise self._unknown(key, "session")
+        return blob
+
+    def info(self, key: str) -> dict[str, Any]:
+        sess = self.live.get(key)
+        if sess is not None:
+            return {"id": key, "steps": sess.steps, "resident": True,
+                    "idle_s": round(time.monotonic() - sess.last_used, 3)}
+        blob = self.snapshot(key)
+        return {"id": key, "steps": int(_snap.meta(blob).get("steps", 0)), "resident": False}
+
+    def keys(self) -> list[str]:
+        on_disk = [] if self.log is None else [k for k in self.log.keys() if k not in self.live]
+        return list(self.live) + on_disk
