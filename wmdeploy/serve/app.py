@@ -28,6 +28,7 @@ from ..streaming import Model, load
 from . import kserve
 from ._asgi import Guard
 from .batcher import Batcher, StepJob
+from .generation_ws import register_generation
 from .metrics import Metrics
 from .persist import PersistError, StateLog
 from .sessions import SessionExists, SessionTable, UnknownSession
@@ -293,6 +294,8 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
             pass
         finally:
             task.cancel()
+
+    register_generation(app, batcher, table, model)
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def prometheus() -> PlainTextResponse:

@@ -85,8 +85,12 @@ class Batcher:
 
     def submit(self, job: StepJob) -> "asyncio.Future[StepResult]":
         """Queue a step now (so that its order is fixed) and return a future to await later."""
+        return asyncio.wrap_future(self.enqueue(job))
+
+    def enqueue(self, job: StepJob) -> "cf.Future[StepResult]":
+        """Queue a step from any thread (the generation loop runs in a worker thread)."""
         self._q.put(job)
-        return asyncio.wrap_future(job.future)
+        return job.future
 
     async def step(self, job: StepJob) -> StepResult:
         return await self.submit(job)

@@ -1,0 +1,98 @@
+"""The WebSocket route that generates text on a session: the library's generation loop, served.
+
+``/v1/sessions/{id}/generate``: send ``{"prompt": "...", "max_tokens": 50, "temperature": 0.8,
+"top_k": 0, "top_p": 1.0, "seed": 1}``; receive ``{"text": piece, "token": id}`` messages as tokens are
+sampled, then ``{"done": true, "stats": {...}}`` (or ``{"error": "..."}``). The prompt and every
+sampled token go into the session's working memory, so the next message continues the conversation.
+
+The loop (:func:`wmdeploy.generation.generate`) runs in a worker thread on a :class:`SessionStream`,
+whose every step is an ordinary step job: it is batched with the other sessions' steps by the engine
+thread, exactly like a step from the session API.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+
+from .._inputs import check_inputs
+from ..errors import InputError, WmdeployError
+from ..generation import generate, language_model_info
+from ..streaming import Model
+from .batcher import Batcher, StepJob
+from .sessions import SessionTable
+
+
+class SessionStream:
+    """A server session seen as a ``Stream`` by the generation loop (batch 1, steps through the batcher)."""
+
+    batch = 1
+
+    def __init__(self, batcher: Batcher, key: str, model: Model) -> None:
+        self.batcher, self.key, self.model, self.spec = batcher, key, model, model.spec
+
+    def step(self, **inputs: Any) -> dict[str, Any]:
+        feeds, _ = check_inputs(self.spec, inputs, 1)
+        return self.batcher.enqueue(StepJob(self.key, feeds)).result().outputs
+
+
+def _options(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        raise InputError('message: expected {"prompt": "text", ...} with optional max_tokens, temperature, '
+                         "top_k, top_p, seed")
+    allowed = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+    unknown = sorted(set(body) - set(allowed) - {"prompt"})
+    if unknown:
+        raise InputError(f"message: unknown fields {unknown}; expected prompt, {', '.join(allowed)}")
+    options: dict[str, Any] = {}
+    for key, kind in allowed.items():
+        if key in body and body[key] is not None:
+            if isinstance(body[key], bool) or not isinstance(body[key], (int, float)):
+                raise InputError(f"message field '{key}': expected a number, got {body[key]!r}")
+            options[key] = kind(body[key])
+    return options
+
+
+def register_generation(app: FastAPI, batcher: Batcher, table: SessionTable, model: Model) -> None:
+    @app.websocket("/v1/sessions/{sid}/generate")
+    async def generate_on_session(ws: WebSocket, sid: str) -> None:
+        await ws.accept()
+        try:
+            language_model_info(model.spec, str(model.path))
+            await batcher.call(table.info, sid)
+        except WmdeployError as exc:
+            await ws.send_json({"error": " ".join(str(exc).split())})
+            await ws.close(code=4404 if "session" in str(exc) else 4400)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                text = await ws.receive_text()
+                queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+                def work(text: str = text) -> None:
+                    try:
+                        try:
+                            body = json.loads(text)
+                        except json.JSONDecodeError as exc:
+                            raise InputError(f"message: not valid JSON ({exc})") from None
+                        options = _options(body)
+                        run = generate(SessionStream(batcher, sid, model), body["prompt"], **options)
+                        for piece in run:
+                            loop.call_soon_threadsafe(queue.put_nowait, {"text": piece, "token": run.tokens[-1]})
+                        loop.call_soon_threadsafe(queue.put_nowait, {"done": True, "tokens": run.tokens,
+                                                                     "stats": run.stats.to_dict()})
+                    except WmdeployError as exc:
+                        loop.call_soon_threadsafe(queue.put_nowait, {"error": " ".join(str(exc).split())})
+
+                worker = loop.run_in_executor(None, work)
+                while True:
+                    message = await queue.get()
+                    await ws.send_json(message)
+                    if "done" in message or "error" in message:
+                        break
+                await worker
+        except WebSocketDisconnect:
+            pass
