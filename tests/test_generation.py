@@ -88,24 +88,45 @@ def test_not_a_language_model_is_a_clear_error(tmp_path):
         wmdeploy.generate(wmdeploy.load(tmp_path / "r.onnx"), "hi").text()
 
 
-def _chat(path, lines: list[str]) -> list[str]:
-    proc = subprocess.run([sys.executable, "-m", "wmdeploy", "chat", str(path), "--max-tokens", "12"],
-                          input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return [line for line in proc.stdout.splitlines() if line.strip()]
+@pytest.fixture(scope="module")
+def recall_lm(tmp_path_factory):
+    """The shipped recall-trained GRU + attention model: stores ``kV`` pairs, answers ``?k`` with V."""
+    from wmdeploy.export import export_module
+    from wmdeploy.models.zoo import ZOO
+
+    entry = ZOO["gru_attention"]
+    path = tmp_path_factory.mktemp("chat") / "recall.onnx"
+    export_module(entry.target, path, checkpoint=entry.checkpoint_path, verify=False)
+    return path
 
 
-def test_chat_through_a_pipe_remembers_turn_one_in_turn_three(lm_path, tmp_path):
-    ada = _chat(lm_path, ["my name is ada", "the weather is fine", "what is my name?"])
-    bob = _chat(lm_path, ["my name is bob", "the weather is fine", "what is my name?"])
-    assert len(ada) == len(bob) == 3
-    assert ada[2] != bob[2]  # only turn 1 differs: turn 3 differs through the state alone
-    # After /reset, turn 3 is what a fresh conversation says: nothing but the state carried turn 1.
-    fresh = _chat(lm_path, ["what is my name?"])
-    reset = _chat(lm_path, ["my name is ada", "/reset", "what is my name?"])
-    assert reset[-1] == fresh[-1] and reset[-1] != ada[2]
-    # /save and /load: a conversation resumed from a snapshot continues identically.
+def _replies(model, lines: list[str], max_tokens: int = 1) -> list[str]:
+    """The library's chat loop (what `wmdeploy chat` runs), split into one reply per user turn."""
+    import io
+    from wmdeploy.chat import chat
+
+    out = io.StringIO()
+    chat(model, lines, out, max_tokens=max_tokens, prompt="\x1e")
+    return [r.rstrip("\n") for r in out.getvalue().split("\x1e")[1:-1]]
+
+
+def test_chat_remembers_turn_one_in_turn_three_through_the_state_alone(recall_lm, tmp_path):
+    """Turn 1 stores a->B and c->D, turn 2 talks about other keys, turn 3 asks for a: the answer is B."""
+    model = wmdeploy.load(recall_lm)
+    told_b = _replies(model, ["aBcD", "eFgHiJ", "?a"])
+    told_k = _replies(model, ["aKcD", "eFgHiJ", "?a"])
+    assert told_b[2] == "B" and told_k[2] == "K"  # only turn 1 differs, and only the state carried it
+    assert _replies(model, ["aBcD", "eFgHiJ", "?c"])[2] == "D"
     snap = tmp_path / "mem.bin"
-    _chat(lm_path, ["my name is ada", "the weather is fine", f"/save {snap}"])
-    resumed = _chat(lm_path, [f"/load {snap}", "what is my name?"])
-    assert resumed[-1] == ada[2]
+    _replies(model, ["aBcD", "eFgHiJ", f"/save {snap}"])
+    assert _replies(model, [f"/load {snap}", "?a"])[-1] == "B"  # a snapshot carries the memory elsewhere
+    fresh = _replies(model, ["eFgHiJ", "?a"])
+    assert _replies(model, ["aBcD", "/reset", "eFgHiJ", "?a"])[-1] == fresh[-1]  # /reset forgets it all
+
+
+def test_chat_command_through_a_pipe(recall_lm):
+    lines = "aBcD\neFgHiJ\n?a\n/quit\n"
+    proc = subprocess.run([sys.executable, "-m", "wmdeploy", "chat", str(recall_lm), "--max-tokens", "1"],
+                          input=lines, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3][-1] == "B"

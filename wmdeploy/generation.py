@@ -178,8 +178,8 @@ class Generation:
             text += piece
             if piece:
                 yield piece
-            if self.stop and text.endswith(self.stop):
-                break
+            if self.stop and text.endswith(self.stop) and text.strip():
+                break  # the end of the first non-empty piece: a leading separator does not end a reply
 
     def _prefill(self, info: LanguageModelInfo, ids: list[int]) -> np.ndarray | None:
         started = time.perf_counter()
