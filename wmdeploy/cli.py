@@ -208,10 +208,10 @@ def triton(
                   "names checked against the graph)", soft_wrap=True)
 
 
-@app.command(epilog="Example: wmdeploy generate out/lm.onnx --prompt 'The river' --max-tokens 200 --seed 1")
+@app.command(epilog="Example: wmdeploy generate out/lm.onnx out/lm.int8.onnx --prompt 'The river' --max-tokens 200 --seed 1")
 @cli_errors
 def generate(
-    model: Path = typer.Argument(..., help="a language model of the zoo (or any file whose spec meta names tokens, logits, vocab)"),
+    models: List[Path] = typer.Argument(..., help="language models of the zoo (or any file whose spec meta names tokens, logits, vocab); several run side by side"),
     prompt: str = typer.Option(..., "--prompt", help="text to continue"),
     max_tokens: int = typer.Option(100, "--max-tokens"),
     temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy"),
@@ -220,31 +220,51 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="makes the output reproducible"),
     backend: str = typer.Option("auto", "--backend"),
     device: str = typer.Option("cpu", "--device"),
-    as_json: bool = typer.Option(False, "--json", help="print the text and the speeds as JSON at the end"),
+    as_json: bool = typer.Option(False, "--json", help="print the texts and the speeds as JSON at the end"),
 ) -> None:
-    """Continue a prompt: the prompt is prefilled in chunks, then one token per step is sampled and printed."""
+    """Continue a prompt: the prompt is prefilled in chunks, then one token per step is sampled and printed.
+
+    With several files (a float model and its quantized copy, say) each continues the same prompt with
+    the same seed, and a table compares their speeds.
+    """
+    from rich.table import Table  # noqa: PLC0415
+
     from .generation import generate as run_generate, language_model_info  # noqa: PLC0415
     from .streaming import load  # noqa: PLC0415
 
-    lm = load(model, backend=backend, device=device)
-    language_model_info(lm.spec, str(model))  # a clear error before anything is printed
-    run = run_generate(lm, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    text = ""
-    if not as_json:
-        sys.stdout.write(prompt)
-    for piece in run:
-        text += piece
+    lms = [load(m, backend=backend, device=device) for m in models]
+    for lm, m in zip(lms, models):
+        language_model_info(lm.spec, str(m))  # a clear error before anything is printed
+    results = []
+    for lm, m in zip(lms, models):
+        run = run_generate(lm, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed)
         if not as_json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    st = run.stats
+            if len(models) > 1:
+                console.print(f"[bold]== {m}[/]", highlight=False)
+            sys.stdout.write(prompt)
+        text = ""
+        for piece in run:
+            text += piece
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        if not as_json:
+            sys.stdout.write("\n")
+        results.append({"model": str(m), "backend": lm.backend_name, "file_bytes": m.stat().st_size,
+                        "prompt": prompt, "text": text, **run.stats.to_dict()})
     if as_json:
-        sys.stdout.write(json.dumps({"model": str(model), "prompt": prompt, "text": text, **st.to_dict()}) + "\n")
+        sys.stdout.write(json.dumps(results if len(results) > 1 else results[0]) + "\n")
         return
-    sys.stdout.write("\n")
-    err_console.print(f"[{lm.backend_name}] prefill {st.prompt_tokens} tokens at {st.prefill_tokens_per_s:,.0f} tok/s, "
-                      f"decode {st.generated_tokens} tokens at {st.decode_tokens_per_s:,.0f} tok/s, working memory "
-                      f"{st.state_bytes_per_stream:,} bytes per stream", markup=False, highlight=False)
+    table = Table(title=f"speeds ({max_tokens} tokens, seed {seed})")
+    for col in ("model", "backend", "file MB", "prefill tok/s", "decode tok/s", "memory bytes/stream"):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right")
+    base = results[0]["decode_tokens_per_s"]
+    for r in results:
+        ratio = f" ({r['decode_tokens_per_s'] / base:.2f}x)" if len(results) > 1 else ""
+        table.add_row(r["model"], r["backend"], f"{r['file_bytes'] / 1e6:.2f}", f"{r['prefill_tokens_per_s']:,.0f}",
+                      f"{r['decode_tokens_per_s']:,.0f}{ratio}", f"{r['state_bytes_per_stream']:,}")
+    err_console.print(table)
 
 
 @app.command(epilog="Example: printf 'my name is ada\\n/save mem.bin\\n' | wmdeploy chat out/lm.onnx --seed 0")
@@ -286,8 +306,9 @@ def profile_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write every number, the samples and the machine as JSON"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write one row per cell as CSV"),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: latency and throughput against batch"),
-    url: Optional[str] = typer.Option(None, "--url", help="profile a running `wmdeploy serve` instead of files"),
-    concurrency: str = typer.Option("1,8,64", "--concurrency", help="with --url: concurrent sessions, comma-separated"),
+    url: Optional[str] = typer.Option(None, "--url", help="profile a running `wmdeploy serve` of MODEL.onnx (JSON session API) instead of the file"),
+    concurrency: str = typer.Option("1,8,64", "--concurrency", help="with --url: concurrent sessions, each streaming, comma-separated"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="with --url: the server's API key"),
 ) -> None:
     """Per-step latency percentiles and throughput of streaming models on this machine, with the state
     carried from step to step, side by side across files, backends, batch sizes and chunk lengths, and
@@ -295,11 +316,8 @@ def profile_cmd(
     from . import profile as prof  # noqa: PLC0415
     from .errors import InputError  # noqa: PLC0415
 
-    if url is not None:
-        prof.profile_server(url, prof.parse_ints(concurrency, "--concurrency"))
-        return
     if not models:
-        raise InputError("MODEL.onnx: expected at least one ONNX file (or --url)")
+        raise InputError("MODEL.onnx: expected at least one ONNX file (with --url: the file the server serves)")
     if steps is not None and seconds is not None:
         raise InputError("--steps/--seconds: give one of them, not both")
     backends = [b.strip() for b in backend.split(",") if b.strip()]
@@ -307,6 +325,10 @@ def profile_cmd(
         raise InputError(f"--backend: expected comma-separated backend names, got {backend!r}")
     if plot_out is not None:
         prof.check_plot_available()  # fail before minutes of measuring, not after
+    for flag, path in (("--json", json_out), ("--csv", csv_out), ("--plot", plot_out)):
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            why = "it is a directory" if path.is_dir() else f"no directory {path.parent}"
+            raise InputError(f"{flag} {path}: cannot write it ({why})")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -316,10 +338,14 @@ def profile_cmd(
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what)
 
-        report = prof.profile(models, backends=backends, device=device, batches=prof.parse_ints(batch, "--batch"),
-                              chunks=prof.parse_ints(chunk, "--chunk"), steps=steps,
-                              seconds=0.5 if seconds is None else seconds, warmup=warmup, threads=threads, mode=mode,
-                              stability=stability / 100, max_windows=max_windows, progress=progress)
+        window = {"steps": steps, "seconds": 0.5 if seconds is None else seconds, "warmup": warmup,
+                  "stability": stability / 100, "max_windows": max_windows, "progress": progress}
+        if url is not None:
+            report = prof.profile_server(url, models, prof.parse_ints(concurrency, "--concurrency"),
+                                         chunks=prof.parse_ints(chunk, "--chunk"), api_key=api_key, **window)
+        else:
+            report = prof.profile(models, backends=backends, device=device, batches=prof.parse_ints(batch, "--batch"),
+                                  chunks=prof.parse_ints(chunk, "--chunk"), threads=threads, mode=mode, **window)
     console.print(report.table(console.width))
     for flag, path, write in (("--json", json_out, report.write_json), ("--csv", csv_out, report.write_csv),
                               ("--plot", plot_out, report.plot)):
@@ -344,7 +370,7 @@ def serve_cmd(
     max_sessions: int = typer.Option(256, "--max-sessions", help="sessions held in memory; beyond: evict an idle one past its TTL, else 429"),
     session_ttl: Optional[float] = typer.Option(None, "--session-ttl", help="seconds idle before a session leaves memory (restored from --persist)"),
     persist: Optional[Path] = typer.Option(None, "--persist", help="directory of the crash-safe state log"),
-    api_key: List[str] = typer.Option([], "--api-key", help="accepted API key (Bearer or X-API-Key); repeatable"),
+    api_key: List[str] = typer.Option([], "--api-key", envvar="WMDEPLOY_API_KEY", help="accepted API key (Bearer or X-API-Key); repeatable; or $WMDEPLOY_API_KEY (keeps it out of `ps`)"),
     backend: str = typer.Option("auto", "--backend"),
     threads: Optional[int] = typer.Option(None, "--threads", help="engine intra-op threads"),
     max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes"),
