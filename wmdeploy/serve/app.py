@@ -98,7 +98,7 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
                   "restart)", table.count_on_disk)
     metrics.gauge("wmdeploy_max_sessions", "--max-sessions", lambda: config.max_sessions)
     batcher.start()
-    log.info("serving", extra={"event": "start", "model": str(config.model), "name": name,
+    log.info("serving", extra={"event": "start", "model": str(config.model), "model_name": name,
                                "backend": model.backend_name, "persisted_sessions": len(table.keys()),
                                "max_batch": config.max_batch, "window_ms": config.batch_window_ms})
 
