@@ -12,9 +12,13 @@ from wmdeploy.errors import BackendError
 
 from .base import Backend, StateArena
 
-#: name -> "module:Class". Order matters for "auto": the first available on the device wins.
-#: (Planned: "onnxruntime-cuda", "tensorrt" -> runtimes/trt.py.)
+#: name -> "module:Class". Order matters for "auto": the first available on the device wins, so the
+#: faster engines come first: on "cuda", TensorRT through ONNX Runtime (fused, tuned kernels; the CUDA EP
+#: takes what TensorRT cannot), then the CUDA EP; on "cpu" only "onnxruntime" drives the device.
+#: (Planned: a native "tensorrt" backend, runtimes/tensorrt.py.)
 REGISTRY: dict[str, str] = {
+    "onnxruntime-tensorrt": "wmdeploy.runtimes.ort_tensorrt:OrtTensorrtBackend",
+    "onnxruntime-cuda": "wmdeploy.runtimes.ort_cuda:OrtCudaBackend",
     "onnxruntime": "wmdeploy.runtimes.ort:OrtBackend",
 }
 
@@ -30,13 +34,18 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def select(backend: str, device: str) -> tuple[type[Backend], str]:
-    """The backend class for ``backend`` (a name or ``"auto"``) on ``device``, and the reason, in words."""
+    """The backend class for ``backend`` (a name or ``"auto"``) on ``device``, and the reason, in words.
+
+    For ``"auto"`` the reason names the pick, why it can run, and why each faster candidate for the same
+    kind of device was passed over (backends for other devices are not mentioned).
+    """
     if backend != "auto":
         cls = backend_class(backend)
         ok, why = cls.available(device)
         if not ok:
             raise BackendError(f"backend '{backend}' on device '{device}': unavailable: {why}")
         return cls, f"asked for '{backend}': {why}"
+    kind = device.partition(":")[0]
     tried: list[str] = []
     for name in REGISTRY:
         try:
@@ -44,11 +53,14 @@ def select(backend: str, device: str) -> tuple[type[Backend], str]:
         except BackendError as exc:
             tried.append(str(exc))
             continue
+        if kind not in cls.devices:
+            continue
         ok, why = cls.available(device)
         if ok:
-            return cls, f"auto on device '{device}': picked '{name}' ({why}), the first available of {list(REGISTRY)}"
+            passed = f"; passed over: {'; '.join(tried)}" if tried else ""
+            return cls, f"auto on device '{device}': picked '{name}' ({why}){passed}"
         tried.append(f"{name}: {why}")
-    raise BackendError(f"backend 'auto' on device '{device}': none available ({'; '.join(tried)})")
+    raise BackendError(f"backend 'auto' on device '{device}': none available ({'; '.join(tried) or 'no backend drives it'})")
 
 
 def create(path: Any, spec: Any, backend: str = "auto", device: str = "cpu", **options: Any) -> tuple[Backend, str]:

@@ -18,10 +18,9 @@ Two paths per run:
   result is scattered back. Scratch buffers and their bindings are cached per batch size.
 
 The file is called ``ort.py`` (not ``onnxruntime.py``) so that it can never shadow the ``onnxruntime``
-package when this directory lands on ``sys.path``. A CUDA-provider variant would subclass
-:class:`OrtBackend`, override ``_new_buffers``/the arena to allocate ``OrtValue`` s on the device
-(``OrtValue.ortvalue_from_shape_and_type(..., "cuda", 0)``) and gather with a small ONNX gather graph;
-``Stream`` and ``StreamPool`` do not change.
+package when this directory lands on ``sys.path``. The CUDA-provider variant (:mod:`.ort_cuda`) subclasses
+:class:`OrtBackend` with a device arena (``OrtValue`` s on the GPU, row copies through ``cuda.bindings``);
+``Stream`` and ``StreamPool`` did not change.
 """
 from __future__ import annotations
 

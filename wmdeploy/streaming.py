@@ -38,16 +38,18 @@ from .runtimes.base import Backend, StateArena
 
 def load(path: str | Path, backend: str = "auto", device: str = "cpu", *, spec: StreamingSpec | None = None,
          threads: int | None = None, inter_op_threads: int | None = None, graph_optimization_level: str = "all",
-         providers: list[Any] | None = None, session_options: Any = None) -> "Model":
+         providers: list[Any] | None = None, session_options: Any = None, **backend_options: Any) -> "Model":
     """Load an ONNX model carrying a wmdeploy spec (``backend``: ``"auto"`` or a name in the registry).
 
     ``spec`` overrides the one in the file's metadata. Engine options (threads, graph optimisation level
-    ``disable|basic|extended|all``, providers, a ready ``onnxruntime.SessionOptions``) go to the backend.
+    ``disable|basic|extended|all``, providers, a ready ``onnxruntime.SessionOptions``) go to the backend,
+    and so do ``backend_options`` (e.g. ``cuda_graph=True`` for ``onnxruntime-cuda``; ``fp16``,
+    ``cache_dir``, ``batch``/``axes`` profile ranges for ``onnxruntime-tensorrt``).
     ``Model.selection`` says which backend was picked and why.
     """
     options = {"threads": threads, "inter_op_threads": inter_op_threads,
                "graph_optimization_level": graph_optimization_level, "providers": providers,
-               "session_options": session_options}
+               "session_options": session_options, **backend_options}
     engine, why = create(Path(path), spec, backend, device, **options)
     return Model(engine, why)
 
