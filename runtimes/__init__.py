@@ -64,8 +64,16 @@ def select(backend: str, device: str) -> tuple[type[Backend], str]:
 
 
 def create(path: Any, spec: Any, backend: str = "auto", device: str = "cpu", **options: Any) -> tuple[Backend, str]:
+    import inspect  # noqa: PLC0415
+
     cls, why = select(backend, device)
-    return cls(path, spec, device, **options), why
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k, v in options.items() if k not in params and v is not None and not takes_any)
+    if unknown:
+        known = sorted(k for k in params if k not in ("self", "path", "spec", "device"))
+        raise BackendError(f"backend '{cls.name}' ({why.split(':')[0]}) does not take option(s) {unknown}; it takes {known}")
+    return cls(path, spec, device, **{k: v for k, v in options.items() if k in params or takes_any}), why
 
 
 __all__ = ["Backend", "StateArena", "REGISTRY", "backend_class", "select", "create"]

@@ -303,12 +303,13 @@ def profile(files: Sequence[str | Path], backends: Sequence[str] = ("auto",), de
             batches: Sequence[int] = (1,), chunks: Sequence[int] = (1,), steps: int | None = None,
             seconds: float = 0.5, warmup: int = 10, threads: int | None = None, mode: str = "stream",
             stability: float = 0.10, max_windows: int = 10, bandwidth: _machine.Bandwidth | None = None,
-            progress: Progress | None = None) -> ProfileReport:
+            progress: Progress | None = None, backend_options: dict[str, Any] | None = None) -> ProfileReport:
     """Profile every (file, backend, batch, chunk) cell; see the module docstring for what is measured.
 
     ``steps`` fixes the timed steps per window; otherwise each window runs for ``seconds``. Windows
     repeat until the last three medians agree within ``stability`` (0.10 = 10 %) or ``max_windows``.
     ``bandwidth`` skips the bandwidth measurement (for repeated runs in one process).
+    ``backend_options`` go to every ``wmdeploy.load`` (e.g. ``{"cuda_graph": True}``).
     """
     from .runtimes import select  # noqa: PLC0415
 
@@ -334,7 +335,7 @@ def profile(files: Sequence[str | Path], backends: Sequence[str] = ("auto",), de
     models = _facts(files)
     settings = {"backends": backends, "device": device, "batches": batches, "chunks": chunks, "steps": steps,
                 "seconds": seconds, "warmup": warmup, "threads": threads, "mode": mode, "stability": stability,
-                "max_windows": max_windows}
+                "max_windows": max_windows, "backend_options": dict(backend_options or {})}
     bw = bandwidth or _machine.measure_bandwidth(device)
     launch_s, launch_how = _machine.gpu_launch_floor() if device != "cpu" else (None, None)
 
@@ -345,7 +346,8 @@ def profile(files: Sequence[str | Path], backends: Sequence[str] = ("auto",), de
 
     for facts in models:
         for backend in backends:
-            model = load(facts.file, backend=backend, device=device, spec=facts.spec, threads=threads)
+            model = load(facts.file, backend=backend, device=device, spec=facts.spec, threads=threads,
+                         **(backend_options or {}))
             try:
                 for chunk in chunks:
                     for batch in batches:
