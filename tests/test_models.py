@@ -18,16 +18,7 @@ from wmdeploy.models.lstm_lm import PRESETS, LSTMLanguageModel
 from wmdeploy.models.sliding_window import SlidingWindowTransformerLM
 from wmdeploy.models.zoo import CHECKPOINT_DIR, ZOO, build, load_zoo_model
 
-#: zoo name -> overrides that make the test model small (the architecture is the zoo's)
-SMALL: dict[str, dict] = {
-    "gru_attention": {"hidden_size": 32, "memory": 8, "heads": 2},
-    "lstm_lm": {"embed_dim": 16, "hidden_size": 32, "num_layers": 2},
-    "lstm_lm_2x1024": {"embed_dim": 16, "hidden_size": 32},
-    "stacked_lstm": {},
-    "gated_memory": {"vocab_size": 40, "embed_dim": 16, "hidden_size": 24},
-    "memory_tokens": {"vocab_size": 40, "dim": 32, "memory_tokens": 4},
-    "sliding_window": {"vocab_size": 40, "dim": 32, "window": 12},
-}
+from _zoo_small import SMALL
 
 
 def _states(model: torch.nn.Module, batch: int) -> list[torch.Tensor]:

@@ -10,21 +10,10 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 import wmdeploy
 from wmdeploy import SpecError
-from wmdeploy.models.zoo import ZOO, build
+from _zoo_small import build_small
+from wmdeploy.models.zoo import ZOO
 from wmdeploy.triton import BatchFirstRunner, TritonRepoError, validate_config, write_repository
 from tests import contract_models as cm
-
-#: small configs of every zoo architecture (the repository logic does not depend on size)
-SMALL = {
-    "gru_attention": {"hidden_size": 32, "memory": 8, "heads": 2},
-    "lstm_lm": {"embed_dim": 16, "hidden_size": 32, "num_layers": 2},
-    "lstm_lm_2x1024": {"embed_dim": 16, "hidden_size": 32},
-    "stacked_lstm": {},
-    "gated_memory": {"vocab_size": 40, "embed_dim": 16, "hidden_size": 24},
-    "memory_tokens": {"vocab_size": 40, "dim": 32, "memory_tokens": 4},
-    "sliding_window": {"vocab_size": 40, "dim": 32, "window": 12},
-}
-
 
 def _graph_dims(value) -> list[int]:
     return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
@@ -33,7 +22,7 @@ def _graph_dims(value) -> list[int]:
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_every_zoo_model_gives_a_repository_that_matches_its_graph(tmp_path, name):
     torch.manual_seed(0)
-    module = build(name, {**ZOO[name].config, **SMALL.get(name, {})})
+    module = build_small(name)
     src = tmp_path / f"{name}.onnx"
     wmdeploy.export(module, src, verify=False)
     spec = module.streaming_spec()
