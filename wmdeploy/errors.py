@@ -44,3 +44,7 @@ class BackendError(WmdeployError):
 
 class CapacityError(WmdeployError):
     """A pool or server is full."""
+
+
+class QuantizationError(WmdeployError):
+    """A model cannot be optimized or quantized in the requested mode (said at transform time, no file left)."""

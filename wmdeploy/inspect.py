@@ -5,6 +5,7 @@ loaded) and falls back to ONNX Runtime on the edge, where weights cannot be coun
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,11 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     spec: StreamingSpec | None = None
     if METADATA_KEY in metadata:
         spec = spec_from_metadata(metadata, str(path))
-    info["metadata"] = {k: v for k, v in metadata.items() if k != METADATA_KEY}
+    info["metadata"] = {k: v for k, v in metadata.items() if k not in (METADATA_KEY, "wmdeploy.lineage")}
+    try:  # what optimize/quantize did to this file (wmdeploy.lineage), oldest first
+        info["lineage"] = json.loads(metadata.get("wmdeploy.lineage", "[]"))
+    except json.JSONDecodeError:
+        info["lineage"] = []
     info["spec"] = spec.to_dict() if spec else None
     if spec is not None:
         info["inputs"] = [t.to_dict() for t in spec.inputs]
@@ -160,4 +165,8 @@ def render(info: dict[str, Any]) -> Any:
     parts.append(st)
     if info["meta"]:
         parts.append(Text(f"meta: {info['meta']}"))
+    for i, rec in enumerate(info.get("lineage") or []):
+        opts = ", ".join(f"{k}={v}" for k, v in (rec.get("options") or {}).items() if k != "op_types")
+        parts.append(Text(f"lineage {i + 1}: {rec.get('transform')} of {rec.get('source')} "
+                          f"(sha256 {str(rec.get('source_sha256', ''))[:12]}) {opts}"))
     return Group(*parts)
