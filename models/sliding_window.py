@@ -20,7 +20,7 @@ from torch import nn
 from wmdeploy.contract import StateSpec, StreamingSpec, TensorSpec
 
 from ._common import lm_meta, window_mask
-from ._layers import MLP, NEG, alibi_slopes, attend, merge_heads, split_heads
+from ._layers import MLP, alibi_slopes, attend, merge_heads, split_heads
 
 
 class DecoderBlock(nn.Module):

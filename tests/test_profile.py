@@ -3,7 +3,6 @@ stability rule, and the command line's errors. No timing is asserted: only struc
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 

@@ -1,0 +1,192 @@
+"""CLI commands that run a model: generate, chat, profile, serve (see ``cli``)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .cli import app, cli_errors, console, err_console
+
+
+@app.command(epilog="Example: wmdeploy generate out/lm.onnx out/lm.int8.onnx --prompt 'The river' --max-tokens 200 --seed 1")
+@cli_errors
+def generate(
+    models: List[Path] = typer.Argument(..., help="language models of the zoo (or any file whose spec meta names tokens, logits, vocab); several run side by side"),
+    prompt: str = typer.Option(..., "--prompt", help="text to continue"),
+    max_tokens: int = typer.Option(100, "--max-tokens"),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="sample among the k most likely tokens (0 = all)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling probability mass"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="makes the output reproducible"),
+    backend: str = typer.Option("auto", "--backend"),
+    device: str = typer.Option("cpu", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="print the texts and the speeds as JSON at the end"),
+) -> None:
+    """Continue a prompt: the prompt is prefilled in chunks, then one token per step is sampled and printed.
+
+    With several files (a float model and its quantized copy, say) each continues the same prompt with
+    the same seed, and a table compares their speeds.
+    """
+    from rich.table import Table  # noqa: PLC0415
+
+    from .generation import generate as run_generate, language_model_info  # noqa: PLC0415
+    from .streaming import load  # noqa: PLC0415
+
+    lms = [load(m, backend=backend, device=device) for m in models]
+    for lm, m in zip(lms, models):
+        language_model_info(lm.spec, str(m))  # a clear error before anything is printed
+    results = []
+    for lm, m in zip(lms, models):
+        run = run_generate(lm, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed)
+        if not as_json:
+            if len(models) > 1:
+                console.print(f"[bold]== {m}[/]", highlight=False)
+            sys.stdout.write(prompt)
+        text = ""
+        for piece in run:
+            text += piece
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        if not as_json:
+            sys.stdout.write("\n")
+            sys.stdout.flush()  # the speed table goes to stderr: keep the order on a shared terminal
+        results.append({"model": str(m), "backend": lm.backend_name, "file_bytes": m.stat().st_size,
+                        "prompt": prompt, "text": text, **run.stats.to_dict()})
+    if as_json:
+        sys.stdout.write(json.dumps(results if len(results) > 1 else results[0]) + "\n")
+        return
+    table = Table(title=f"speeds ({max_tokens} tokens, seed {seed})")
+    for col in ("model", "backend", "file MB", "prefill tok/s", "decode tok/s", "memory bytes/stream"):
+        table.add_column(col, justify="left" if col in ("model", "backend") else "right")
+    base = results[0]["decode_tokens_per_s"]
+    for r in results:
+        ratio = f" ({r['decode_tokens_per_s'] / base:.2f}x)" if len(results) > 1 else ""
+        table.add_row(r["model"], r["backend"], f"{r['file_bytes'] / 1e6:.2f}", f"{r['prefill_tokens_per_s']:,.0f}",
+                      f"{r['decode_tokens_per_s']:,.0f}{ratio}", f"{r['state_bytes_per_stream']:,}")
+    err_console.print(table)
+
+
+@app.command(epilog="Example: printf 'my name is ada\\n/save mem.bin\\n' | wmdeploy chat out/lm.onnx --seed 0")
+@cli_errors
+def chat(
+    model: Path = typer.Argument(..., help="a language model of the zoo"),
+    max_tokens: int = typer.Option(80, "--max-tokens", help="longest reply"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (default)"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    backend: str = typer.Option("auto", "--backend"),
+) -> None:
+    """A conversation kept in the model's working memory; /reset, /save FILE, /load FILE, /quit."""
+    from .chat import chat as run_chat  # noqa: PLC0415
+    from .streaming import load  # noqa: PLC0415
+
+    lm = load(model, backend=backend)
+    run_chat(lm, sys.stdin, sys.stdout, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+             seed=seed, prompt="> " if sys.stdin.isatty() else "")
+
+
+@app.command(name="profile", epilog="Example: wmdeploy profile out/lm.onnx out/lm.int8.onnx --batch 1,8,64 --chunk 1,16 "
+                                    "--json out/profile.json --plot out/profile.png")
+@cli_errors
+def profile_cmd(
+    models: Optional[List[Path]] = typer.Argument(None, metavar="MODEL.onnx [MORE.onnx ...]", help="ONNX files with a wmdeploy spec, profiled side by side"),
+    backend: str = typer.Option("auto", "--backend", help="comma-separated backends (auto, onnxruntime, ...), each run on every file"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    batch: str = typer.Option("1,8,64", "--batch", help="comma-separated batch sizes (streams stepped together)"),
+    chunk: str = typer.Option("1", "--chunk", help="comma-separated chunk lengths (time steps per call)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="timed steps per measurement window (instead of --seconds)"),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="seconds per measurement window [default: 0.5]"),
+    warmup: int = typer.Option(10, "--warmup", help="untimed steps before the first window of every cell"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads of the engine (default: the engine's)"),
+    mode: str = typer.Option("stream", "--mode", help="stream: one Stream of BATCH sequences; pool: a StreamPool of BATCH streams, as the server runs them"),
+    stability: float = typer.Option(10.0, "--stability", help="percent: windows repeat until the last 3 medians agree this closely"),
+    max_windows: int = typer.Option(10, "--max-windows", help="give up settling after this many windows (and say so)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write every number, the samples and the machine as JSON"),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="write one row per cell as CSV"),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: latency and throughput against batch"),
+    url: Optional[str] = typer.Option(None, "--url", help="profile a running `wmdeploy serve` of MODEL.onnx (JSON session API) instead of the file"),
+    concurrency: str = typer.Option("1,8,64", "--concurrency", help="with --url: concurrent sessions, each streaming, comma-separated"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="with --url: the server's API key"),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: capture each step shape as a CUDA graph (onnxruntime-cuda)"),
+) -> None:
+    """Per-step latency percentiles and throughput of streaming models on this machine, with the state
+    carried from step to step, side by side across files, backends, batch sizes and chunk lengths, and
+    each step's distance to the memory-bandwidth floor."""
+    from . import profile as prof  # noqa: PLC0415
+    from .errors import InputError  # noqa: PLC0415
+
+    if not models:
+        raise InputError("MODEL.onnx: expected at least one ONNX file (with --url: the file the server serves)")
+    if steps is not None and seconds is not None:
+        raise InputError("--steps/--seconds: give one of them, not both")
+    backends = [b.strip() for b in backend.split(",") if b.strip()]
+    if not backends:
+        raise InputError(f"--backend: expected comma-separated backend names, got {backend!r}")
+    if plot_out is not None:
+        prof.check_plot_available()  # fail before minutes of measuring, not after
+    for flag, path in (("--json", json_out), ("--csv", csv_out), ("--plot", plot_out)):
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            why = "it is a directory" if path.is_dir() else f"no directory {path.parent}"
+            raise InputError(f"{flag} {path}: cannot write it ({why})")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("measuring memory bandwidth", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        window = {"steps": steps, "seconds": 0.5 if seconds is None else seconds, "warmup": warmup,
+                  "stability": stability / 100, "max_windows": max_windows, "progress": progress}
+        if url is not None:
+            report = prof.profile_server(url, models, prof.parse_ints(concurrency, "--concurrency"),
+                                         chunks=prof.parse_ints(chunk, "--chunk"), api_key=api_key, **window)
+        else:
+            report = prof.profile(models, backends=backends, device=device, batches=prof.parse_ints(batch, "--batch"),
+                                  chunks=prof.parse_ints(chunk, "--chunk"), threads=threads, mode=mode,
+                                  backend_options={"cuda_graph": True} if cuda_graph else None, **window)
+    console.print(report.table(console.width))
+    for flag, path, write in (("--json", json_out, report.write_json), ("--csv", csv_out, report.write_csv),
+                              ("--plot", plot_out, report.plot)):
+        if path is not None:
+            try:
+                write(path)
+            except OSError as exc:
+                raise InputError(f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None
+            console.print(f"wrote {path}")
+
+
+@app.command(name="serve", epilog="Example: wmdeploy serve out/lm.onnx --port 8000 --max-batch 64 --session-ttl 600 "
+                                  "--persist state/ --api-key $KEY")
+@cli_errors
+def serve_cmd(
+    model: Path = typer.Argument(..., help="the ONNX file to serve"),
+    name: Optional[str] = typer.Option(None, "--name", help="model name in /v2/models/NAME (default: the file's stem)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_batch: int = typer.Option(64, "--max-batch", help="most sessions stepped in one engine call"),
+    batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", help="how long a batch waits for more sessions"),
+    max_sessions: int = typer.Option(256, "--max-sessions", help="sessions held in memory; beyond: evict an idle one past its TTL, else 429"),
+    session_ttl: Optional[float] = typer.Option(None, "--session-ttl", help="seconds idle before a session leaves memory (restored from --persist)"),
+    persist: Optional[Path] = typer.Option(None, "--persist", help="directory of the crash-safe state log"),
+    api_key: List[str] = typer.Option([], "--api-key", envvar="WMDEPLOY_API_KEY", help="accepted API key (Bearer or X-API-Key); repeatable; or $WMDEPLOY_API_KEY (keeps it out of `ps`)"),
+    backend: str = typer.Option("auto", "--backend"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="engine intra-op threads"),
+    max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+) -> None:
+    """Serve MODEL over HTTP: sessions with their own memory, batched; JSON API + KServe v2 (Triton sequences)."""
+    from .serve import ServeConfig, serve  # noqa: PLC0415  (fastapi/uvicorn only for this command)
+
+    if max_batch < 1 or max_sessions < 1 or batch_window_ms < 0 or (session_ttl is not None and session_ttl <= 0):
+        raise typer.BadParameter("--max-batch and --max-sessions must be >= 1, --batch-window-ms >= 0, --session-ttl > 0")
+    serve(ServeConfig(model, name=name, host=host, port=port, max_batch=max_batch, batch_window_ms=batch_window_ms,
+                      max_sessions=max_sessions, session_ttl=session_ttl, persist=persist, api_keys=tuple(api_key),
+                      backend=backend, threads=threads, max_request_bytes=max_request_bytes), log_level=log_level)
