@@ -23,9 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wmdeploy.contract import StateSpec, StreamingSpec, TensorSpec
-
-from ._common import lm_meta
+from .lstm_lm import LayeredLSTMContract
 
 
 def _gated_recurrence(xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
@@ -79,7 +77,7 @@ class GatedMemoryCell(nn.Module):
         return self
 
 
-class GatedMemoryLM(nn.Module):
+class GatedMemoryLM(LayeredLSTMContract, nn.Module):
     """Token embedding, ``num_layers`` GatedMemoryCells, next-token logits at every step."""
 
     def __init__(self, vocab_size: int = 256, embed_dim: int = 32, hidden_size: int = 64, num_layers: int = 2,
@@ -92,25 +90,6 @@ class GatedMemoryLM(nn.Module):
             GatedMemoryCell(embed_dim if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
         )
         self.head = nn.Linear(hidden_size, vocab_size)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"vocab_size": self.vocab_size, "embed_dim": self.embed_dim,
-                               "hidden_size": self.hidden_size, "num_layers": self.num_layers}
-        if self.vocab is not None:
-            cfg["vocab"] = self.vocab
-        return cfg
-
-    def streaming_spec(self) -> StreamingSpec:
-        L, H, V = self.num_layers, self.hidden_size, self.vocab_size
-        return StreamingSpec(
-            inputs=[TensorSpec("tokens", ["batch", "time"], "int64")],
-            outputs=[TensorSpec("logits", ["batch", "time", V], "float32")],
-            states=[StateSpec("h", [L, "batch", H], "float32", doc="hidden state per layer"),
-                    StateSpec("c", [L, "batch", H], "float32", doc="cell state per layer")],
-            chunk_invariant=True,
-            meta=lm_meta(V, self.vocab),
-        )
 
     def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         x = self.embed(tokens)

@@ -26,7 +26,37 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-class LSTMLanguageModel(nn.Module):
+class LayeredLSTMContract:
+    """The streaming interface of a layered LSTM language model (shared with ``GatedMemoryLM``, which
+    must be interchangeable with this model): tokens in, logits out, ``h``/``c`` per layer as state."""
+
+    vocab_size: int
+    embed_dim: int
+    hidden_size: int
+    num_layers: int
+    vocab: dict[str, Any] | None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"vocab_size": self.vocab_size, "embed_dim": self.embed_dim,
+                               "hidden_size": self.hidden_size, "num_layers": self.num_layers}
+        if self.vocab is not None:
+            cfg["vocab"] = self.vocab
+        return cfg
+
+    def streaming_spec(self) -> StreamingSpec:
+        L, H, V = self.num_layers, self.hidden_size, self.vocab_size
+        return StreamingSpec(
+            inputs=[TensorSpec("tokens", ["batch", "time"], "int64")],
+            outputs=[TensorSpec("logits", ["batch", "time", V], "float32")],
+            states=[StateSpec("h", [L, "batch", H], "float32", doc="hidden state per layer"),
+                    StateSpec("c", [L, "batch", H], "float32", doc="cell state per layer")],
+            chunk_invariant=True,
+            meta=lm_meta(V, self.vocab),
+        )
+
+
+class LSTMLanguageModel(LayeredLSTMContract, nn.Module):
     """A byte-level (by default) LSTM language model that streams one chunk of tokens per call."""
 
     def __init__(self, vocab_size: int = 256, embed_dim: int = 64, hidden_size: int = 256, num_layers: int = 1,
@@ -46,25 +76,6 @@ class LSTMLanguageModel(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"LSTMLanguageModel preset {name!r}: expected one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-    @property
-    def config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {"vocab_size": self.vocab_size, "embed_dim": self.embed_dim,
-                               "hidden_size": self.hidden_size, "num_layers": self.num_layers}
-        if self.vocab is not None:
-            cfg["vocab"] = self.vocab
-        return cfg
-
-    def streaming_spec(self) -> StreamingSpec:
-        L, H, V = self.num_layers, self.hidden_size, self.vocab_size
-        return StreamingSpec(
-            inputs=[TensorSpec("tokens", ["batch", "time"], "int64")],
-            outputs=[TensorSpec("logits", ["batch", "time", V], "float32")],
-            states=[StateSpec("h", [L, "batch", H], "float32", doc="LSTM hidden state per layer"),
-                    StateSpec("c", [L, "batch", H], "float32", doc="LSTM cell state per layer")],
-            chunk_invariant=True,
-            meta=lm_meta(V, self.vocab),
-        )
 
     def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         x = self.embed(tokens)
