@@ -30,7 +30,7 @@ class ThreadServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, access_log=False, log_level="warning",
-                                                    lifespan="on"))
+                                                    lifespan="on", ws_max_size=config.max_request_bytes))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -86,5 +86,16 @@ class ProcessServer:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
-        if self._log is not subprocess.DEVNULL:
+        self._close_log()
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM (an orderly stop); returns the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self._close_log()
+        return code
+
+    def _close_log(self) -> None:
+        if self._log is not subprocess.DEVNULL and not self._log.closed:
             self._log.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import sys
 import textwrap
@@ -103,3 +104,55 @@ def test_state_log_cuts_a_torn_tail_and_compacts(tmp_path, rt_lstm):
     log.compact()
     assert (tmp_path / LOG_NAME).stat().st_size < 2 * len(snaps[1]) and log.read("a") == snaps[1]
     log.close()
+
+
+def test_sigterm_drains_in_flight_steps_and_restart_continues_exactly(rt_lstm_path, rt_lstm, tmp_path):
+    """SIGTERM while steps wait in a batch window: each is answered (and durable), the process exits 0, and a
+    restart on the same --persist holds exactly the answered state, still owned by the same API key."""
+    import threading
+
+    from wmdeploy import snapshot as snap
+
+    state, alice, bob = tmp_path / "state", {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
+    keys = ("--api-key", "alice", "--api-key", "bob")
+    srv = ProcessServer(rt_lstm_path, "--name", "lm", "--persist", str(state), "--batch-window-ms", "500", *keys,
+                        log=tmp_path / "serve.log")
+    sids = [f"drain{i}" for i in range(3)]
+    answers: dict[str, httpx.Response] = {}
+    try:
+        for sid in sids + ["idle"]:  # an extra session that stepped lately: the batch waits its window for it
+            assert httpx.post(srv.url + "/v1/sessions", json={"id": sid}, headers=alice).status_code == 201
+
+        def step(i: int, sid: str) -> None:  # a KServe step that also asks for the state it leaves behind
+            body = {"inputs": [{"name": "tokens", "shape": [1, 2], "datatype": "INT64", "data": [i, i + 3]}],
+                    "outputs": [{"name": n} for n in ("logits", "h_out", "c_out")], "parameters": {"sequence_id": sid}}
+            answers[sid] = httpx.post(srv.url + "/v2/models/lm/infer", json=body, headers=alice, timeout=30)
+
+        threads = [threading.Thread(target=step, args=(i, sid)) for i, sid in enumerate(sids)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)  # the steps are in flight: queued in the engine's 500 ms batch window
+        assert not answers
+        code = srv.terminate()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        srv.kill()
+    assert code == 0
+    assert {sid: r.status_code for sid, r in answers.items()} == {sid: 200 for sid in sids}
+    srv = ProcessServer(rt_lstm_path, "--name", "lm", "--persist", str(state), *keys, log=tmp_path / "serve.log")
+    try:
+        assert httpx.get(srv.url + "/v1/sessions", headers=bob).json()["sessions"] == []
+        for i, sid in enumerate(sids):
+            outs = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in answers[sid].json()["outputs"]}
+            blob = httpx.get(srv.url + f"/v1/sessions/{sid}/snapshot", headers=alice).content
+            held = snap.loads(rt_lstm.spec, blob)
+            np.testing.assert_array_equal(held["h"], outs["h_out"])  # exactly the state that was answered
+            np.testing.assert_array_equal(held["c"], outs["c_out"])
+            local = rt_lstm.stream(blob)
+            r = httpx.post(srv.url + f"/v1/sessions/{sid}/step", json={"inputs": {"tokens": [[i, 1, 2]]}}, headers=alice)
+            assert r.json()["steps"] == 2
+            np.testing.assert_array_equal(np.asarray(r.json()["outputs"]["logits"], np.float32),
+                                          local.step(tokens=np.array([[i, 1, 2]]))["logits"])
+    finally:
+        srv.kill()

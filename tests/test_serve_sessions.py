@@ -157,7 +157,7 @@ def test_concurrent_sessions_are_batched_and_isolated(server, rt_lstm):
     multi = _metric(text, "wmdeploy_batch_size_count") - _metric(text, 'wmdeploy_batch_size_bucket{le="1"}') - multi_before
     assert batches < n_threads * steps  # fewer engine rounds than steps
     assert multi >= 1  # at least one pool step carried several sessions
-    assert _metric(text, "wmdeploy_active_sessions") >= n_threads
+    assert _metric(text, "wmdeploy_live_sessions") >= n_threads
 
 
 def test_api_key_and_request_limits(rt_lstm_path, rt_lstm):
@@ -214,7 +214,10 @@ def test_ttl_eviction_restores_transparently_with_persist(rt_lstm_path, rt_lstm,
                 time.sleep(0.1)
             text = c.get("/metrics").text
             assert _metric(text, 'wmdeploy_evictions_total{reason="ttl"}') >= 1
-            assert _metric(text, "wmdeploy_active_sessions") == 0
+            assert _metric(text, "wmdeploy_live_sessions") == 0
+            assert _metric(text, "wmdeploy_persisted_sessions") == _metric(text, "wmdeploy_persisted_only_sessions") == 1
+            assert _metric(text, "wmdeploy_queue_seconds_count") == _metric(text, "wmdeploy_compute_seconds_count") == 1
+            assert _metric(text, "wmdeploy_compute_seconds_sum") > 0
             r = _step(c, "t1", tokens)  # restored from the log on its next request
             assert r.status_code == 200 and r.json()["steps"] == 2
             np.testing.assert_array_equal(np.asarray(r.json()["outputs"]["logits"], np.float32),

@@ -169,7 +169,7 @@ def profile_cmd(
 def serve_cmd(
     model: Path = typer.Argument(..., help="the ONNX file to serve"),
     name: Optional[str] = typer.Option(None, "--name", help="model name in /v2/models/NAME (default: the file's stem)"),
-    host: str = typer.Option("127.0.0.1", "--host"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; the default keeps the server on this machine (0.0.0.0: every interface, use with --api-key)"),
     port: int = typer.Option(8000, "--port"),
     max_batch: int = typer.Option(64, "--max-batch", help="most sessions stepped in one engine call"),
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", help="how long a batch waits for more sessions"),
@@ -179,7 +179,8 @@ def serve_cmd(
     api_key: List[str] = typer.Option([], "--api-key", envvar="WMDEPLOY_API_KEY", help="accepted API key (Bearer or X-API-Key); repeatable; or $WMDEPLOY_API_KEY (keeps it out of `ps`)"),
     backend: str = typer.Option("auto", "--backend"),
     threads: Optional[int] = typer.Option(None, "--threads", help="engine intra-op threads"),
-    max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes"),
+    max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes", help="largest request body or WebSocket message (413 beyond)"),
+    max_chunk: Optional[int] = typer.Option(None, "--max-chunk", help="longest chunk (time steps) per step, 413 beyond [default: the model's meta.max_chunk, else 4096]"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
     """Serve MODEL over HTTP: sessions with their own memory, batched; JSON API + KServe v2 (Triton sequences)."""
@@ -187,6 +188,9 @@ def serve_cmd(
 
     if max_batch < 1 or max_sessions < 1 or batch_window_ms < 0 or (session_ttl is not None and session_ttl <= 0):
         raise typer.BadParameter("--max-batch and --max-sessions must be >= 1, --batch-window-ms >= 0, --session-ttl > 0")
+    if (max_chunk is not None and max_chunk < 1) or max_request_bytes < 1024:
+        raise typer.BadParameter("--max-chunk must be >= 1 and --max-request-bytes >= 1024")
     serve(ServeConfig(model, name=name, host=host, port=port, max_batch=max_batch, batch_window_ms=batch_window_ms,
                       max_sessions=max_sessions, session_ttl=session_ttl, persist=persist, api_keys=tuple(api_key),
-                      backend=backend, threads=threads, max_request_bytes=max_request_bytes), log_level=log_level)
+                      backend=backend, threads=threads, max_request_bytes=max_request_bytes, max_chunk=max_chunk),
+          log_level=log_level)

@@ -1,4 +1,5 @@
-"""The outermost ASGI layer: API keys, request size limits, per-request metrics and structured logs.
+"""The outermost ASGI layer: API keys (and the tenant they make), request size limits, per-request metrics
+and structured logs.
 
 A pure ASGI middleware (not Starlette's ``BaseHTTPMiddleware``) because it must also guard WebSockets and
 must not buffer bodies: a body over the limit is refused from its ``Content-Length`` before it is read, or
@@ -13,12 +14,15 @@ import time
 from typing import Any, Awaitable, Callable
 
 from .metrics import Metrics
+from .sessions import owner_of_key
+from .validate import TooLarge
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger("wmdeploy.serve")
 OPEN_PATHS = ("/v2/health/",)  # probes must work without a key (load balancers, Kubernetes)
+OWNER = "wmdeploy.owner"  # scope key: the tenant of the request ("" without --api-key), see sessions.scoped
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -35,10 +39,6 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-class _TooLarge(Exception):
-    pass
-
-
 async def _reply(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"error": message}).encode()
     await send({"type": "http.response.start", "status": status,
@@ -51,23 +51,32 @@ class Guard:
     def __init__(self, app: Any, metrics: Metrics, api_keys: tuple[str, ...], max_request_bytes: int) -> None:
         self.app, self.metrics, self.max_bytes = app, metrics, max_request_bytes
         self.keys = tuple(k.encode() for k in api_keys)
+        self.owners = tuple(owner_of_key(k) for k in self.keys)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _owner(self, scope: Scope) -> str | None:
+        """The tenant of the key the request carries, or None when it carries no valid key."""
         given: list[bytes] = []
         for name, value in scope.get("headers", []):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 given.append(value[7:].strip())
             elif name == b"x-api-key":
                 given.append(value.strip())
-        # compare_digest against every key, so that timing does not reveal which prefix matched
-        return any(hmac.compare_digest(g, k) for g in given for k in self.keys)
+        found = None
+        for g in given:  # compare_digest against every key, so that timing does not reveal which one matched
+            for key, owner in zip(self.keys, self.owners):
+                if hmac.compare_digest(g, key) and found is None:
+                    found = owner
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope.get("method", "WS")
-        if self.keys and not path.startswith(OPEN_PATHS) and not self._authorized(scope):
+        owner = self._owner(scope) if self.keys else ""
+        scope[OWNER] = owner or ""
+        if self.keys and not path.startswith(OPEN_PATHS) and owner is None:
             self.metrics.request("unauthorized", method, 401, 0.0, False)
+            self.metrics.error("unauthorized")
             log.info("unauthorized", extra={"event": "request", "path": path, "status": 401})
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong API key"})
@@ -79,6 +88,7 @@ class Guard:
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 self.metrics.request("too_large", method, 413, 0.0, False)
+                self.metrics.error("too_large")
                 return await _reply(send, 413, f"request body: {int(value)} bytes, the limit is {self.max_bytes} "
                                                "(--max-request-bytes)")
         seen, status, t0 = 0, [500], time.perf_counter()
@@ -87,8 +97,8 @@ class Guard:
             nonlocal seen
             msg = await receive()
             seen += len(msg.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge()
+            if seen > self.max_bytes:  # a chunked upload with no Content-Length: cut it off as it streams
+                raise TooLarge(f"request body: over the limit of {self.max_bytes} bytes (--max-request-bytes)")
             return msg
 
         async def watched_send(msg: dict[str, Any]) -> None:
@@ -96,11 +106,7 @@ class Guard:
                 status[0] = msg["status"]
             await send(msg)
 
-        try:
-            await self.app(scope, counted_receive, watched_send)
-        except _TooLarge:
-            status[0] = 413
-            await _reply(send, 413, f"request body: over the limit of {self.max_bytes} bytes (--max-request-bytes)")
+        await self.app(scope, counted_receive, watched_send)  # the app answers TooLarge with 413
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         seconds = time.perf_counter() - t0

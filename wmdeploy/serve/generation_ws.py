@@ -17,12 +17,12 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from .._inputs import check_inputs
 from ..errors import InputError, WmdeployError
 from ..generation import generate, language_model_info
 from ..streaming import Model
+from ._common import Ctx, classify, client_key, one_line
 from .batcher import Batcher, StepJob
-from .sessions import SessionTable
+from .validate import StepCheck
 
 
 class SessionStream:
@@ -30,12 +30,11 @@ class SessionStream:
 
     batch = 1
 
-    def __init__(self, batcher: Batcher, key: str, model: Model) -> None:
-        self.batcher, self.key, self.model, self.spec = batcher, key, model, model.spec
+    def __init__(self, batcher: Batcher, key: str, model: Model, check: StepCheck) -> None:
+        self.batcher, self.key, self.model, self.spec, self.check = batcher, key, model, model.spec, check
 
     def step(self, **inputs: Any) -> dict[str, Any]:
-        feeds, _ = check_inputs(self.spec, inputs, 1)
-        return self.batcher.enqueue(StepJob(self.key, feeds)).result().outputs
+        return self.batcher.enqueue(StepJob(self.key, self.check(inputs))).result().outputs
 
 
 def _options(body: Any) -> dict[str, Any]:
@@ -55,16 +54,21 @@ def _options(body: Any) -> dict[str, Any]:
     return options
 
 
-def register_generation(app: FastAPI, batcher: Batcher, table: SessionTable, model: Model) -> None:
+def register_generation(app: FastAPI, ctx: Ctx, model: Model) -> None:
+    batcher, table = ctx.batcher, ctx.table
+
     @app.websocket("/v1/sessions/{sid}/generate")
     async def generate_on_session(ws: WebSocket, sid: str) -> None:
         await ws.accept()
         try:
             language_model_info(model.spec, str(model.path))
-            await batcher.call(table.info, sid)
+            key = client_key(ws.scope, sid)  # tenant-scoped: another key's session is unknown here
+            await batcher.call(table.info, key)
         except WmdeployError as exc:
-            await ws.send_json({"error": " ".join(str(exc).split())})
-            await ws.close(code=4404 if "session" in str(exc) else 4400)
+            code, kind = classify(exc)
+            ctx.metrics.error(kind)
+            await ws.send_json({"error": one_line(exc)})
+            await ws.close(code=4404 if code == 404 else 4400)
             return
         loop = asyncio.get_running_loop()
         try:
@@ -79,13 +83,14 @@ def register_generation(app: FastAPI, batcher: Batcher, table: SessionTable, mod
                         except json.JSONDecodeError as exc:
                             raise InputError(f"message: not valid JSON ({exc})") from None
                         options = _options(body)
-                        run = generate(SessionStream(batcher, sid, model), body["prompt"], **options)
+                        run = generate(SessionStream(batcher, key, model, ctx.check), body["prompt"], **options)
                         for piece in run:
                             loop.call_soon_threadsafe(queue.put_nowait, {"text": piece, "token": run.tokens[-1]})
                         loop.call_soon_threadsafe(queue.put_nowait, {"done": True, "tokens": run.tokens,
                                                                      "stats": run.stats.to_dict()})
                     except WmdeployError as exc:
-                        loop.call_soon_threadsafe(queue.put_nowait, {"error": " ".join(str(exc).split())})
+                        ctx.metrics.error(classify(exc)[1])
+                        loop.call_soon_threadsafe(queue.put_nowait, {"error": one_line(exc)})
 
                 worker = loop.run_in_executor(None, work)
                 while True:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from math import prod
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .._inputs import check_inputs
 from ..contract import BATCH, StreamingSpec
 from ..errors import InputError, WmdeployError
+from .validate import TooLarge
+
+Check = Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
 
 #: KServe datatype <-> spec dtype (BYTES and BF16 have no spec dtype).
 TO_KSERVE = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int32": "INT32", "int64": "INT64",
@@ -55,9 +57,11 @@ def _flag(params: dict[str, Any], name: str) -> bool:
 def _sequence_key(params: dict[str, Any]) -> str | None:
     sid = params.get("sequence_id", 0)
     if isinstance(sid, bool) or not isinstance(sid, (int, str)):
-        raise KServeError(f"parameters.sequence_id: {sid!r}, expected a uint64 or a string")
+        raise KServeError(f"parameters.sequence_id: {str(sid)[:80]!r}, expected a uint64 or a string")
     if isinstance(sid, int) and not 0 <= sid < 2 ** 64:
         raise KServeError(f"parameters.sequence_id: {sid}, expected a uint64 (0 <= id < 2**64)")
+    if isinstance(sid, str) and (len(sid) > 256 or not sid.isprintable()):
+        raise KServeError("parameters.sequence_id: expected a string of at most 256 printable characters")
     return None if sid in (0, "") else str(sid)
 
 
@@ -89,7 +93,7 @@ def _tensor(spec: StreamingSpec, entry: Any, binary: memoryview, pos: int) -> tu
         raise KServeError(f"input '{name}': no 'data' and no parameters.binary_data_size")
     try:
         raw = np.asarray(entry["data"])
-    except ValueError as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise KServeError(f"input '{name}': 'data' is not a regular array ({exc})") from None
     if raw.size and raw.dtype.kind not in {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}[want.np_dtype.kind]:
         raise KServeError(f"input '{name}': 'data' holds {raw.dtype} values, expected {datatype}")
@@ -102,8 +106,8 @@ def _tensor(spec: StreamingSpec, entry: Any, binary: memoryview, pos: int) -> tu
     return name, arr, pos
 
 
-def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None) -> InferRequest:
-    """Parse and check a v2 infer request body against ``spec`` (every input at batch 1)."""
+def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None, check: Check) -> InferRequest:
+    """Parse a v2 infer request body and ``check`` its inputs (:class:`~.validate.StepCheck`, batch 1)."""
     if header_length is not None:
         try:
             hlen = int(header_length)
@@ -115,6 +119,8 @@ def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None) 
         hlen = len(body)
     try:
         req = json.loads(body[:hlen])
+    except RecursionError:
+        raise KServeError("request body: JSON nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KServeError(f"request body: not valid JSON ({exc})") from None
     if not isinstance(req, dict):
@@ -134,7 +140,9 @@ def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None) 
     if pos != len(binary):
         raise KServeError(f"request body: {len(binary) - pos} bytes of binary data that no input claims")
     try:
-        feeds, _ = check_inputs(spec, inputs, 1)
+        feeds = check(inputs)
+    except TooLarge:
+        raise
     except InputError as exc:
         raise KServeError(f"{exc} (one sequence per request: the '{BATCH}' axis is 1)") from None
     outputs = None
@@ -148,6 +156,8 @@ def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None) 
             if name not in known:
                 raise KServeError(f"output {name!r}: unknown; expected one of {known}")
             op = o.get("parameters") or {}
+            if not isinstance(op, dict):
+                raise KServeError(f"output '{name}': parameters must be an object")
             outputs.append((name, bool(op.get("binary_data", _flag(params, "binary_data_output")))))
     rid = req.get("id")
     return InferRequest(id=str(rid) if rid is not None else None, sequence=_sequence_key(params),

@@ -1,7 +1,11 @@
 """Prometheus metrics in the plain-text exposition format (version 0.0.4), written by hand.
 
-Hand-written rather than ``prometheus_client`` because the server needs five metric families and the
+Hand-written rather than ``prometheus_client`` because the server needs a dozen metric families and the
 serve extra stays at fastapi + uvicorn. Updated from the event loop and the engine thread, hence the lock.
+
+Families: requests (route, method, code); errors by kind (one label per cause, see ``app.error_kind``);
+batch size; queue time (queued -> its batch starts) and compute time (the engine calls of one batch);
+state-log time; evictions by reason and restores; live / persisted / persisted-only sessions (gauges).
 """
 from __future__ import annotations
 
@@ -40,9 +44,11 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: dict[tuple[tuple[str, str], ...], int] = {}
+        self.errors: dict[str, int] = {}
         self.evictions: dict[str, int] = {}
         self.batch_size = _Histogram(BATCH_BUCKETS)
-        self.engine_seconds = _Histogram(SECONDS_BUCKETS)
+        self.queue_seconds = _Histogram(SECONDS_BUCKETS)
+        self.compute_seconds = _Histogram(SECONDS_BUCKETS)
         self.persist_seconds = _Histogram(SECONDS_BUCKETS)
         self.request_seconds = _Histogram(SECONDS_BUCKETS)
         self.restores = 0
@@ -55,10 +61,19 @@ class Metrics:
             if step:
                 self.request_seconds.observe(seconds)
 
-    def batch(self, size: int, engine_s: float, persist_s: float | None) -> None:
+    def error(self, kind: str) -> None:
+        with self._lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def queued(self, waits: list[float]) -> None:
+        with self._lock:
+            for w in waits:
+                self.queue_seconds.observe(w)
+
+    def batch(self, size: int, compute_s: float, persist_s: float | None) -> None:
         with self._lock:
             self.batch_size.observe(size)
-            self.engine_seconds.observe(engine_s)
+            self.compute_seconds.observe(compute_s)
             if persist_s is not None:
                 self.persist_seconds.observe(persist_s)
 
@@ -92,13 +107,18 @@ class Metrics:
             family("wmdeploy_requests_total", "counter", "HTTP requests by route template, method and status code")
             for key, n in sorted(self.requests.items()):
                 out.append(f"wmdeploy_requests_total{_labels(key)} {n}")
+            family("wmdeploy_errors_total", "counter", "refused or failed requests and steps, by kind")
+            for kind, n in sorted(self.errors.items()):
+                out.append(f"wmdeploy_errors_total{_labels((('kind', kind),))} {n}")
             family("wmdeploy_evictions_total", "counter", "sessions taken out of memory, by reason (ttl, capacity)")
             for reason in ("ttl", "capacity"):
                 out.append(f'wmdeploy_evictions_total{{reason="{reason}"}} {self.evictions.get(reason, 0)}')
             family("wmdeploy_restores_total", "counter", "evicted or persisted sessions restored from --persist")
             out.append(f"wmdeploy_restores_total {self.restores}")
             histogram("wmdeploy_batch_size", "sessions stepped together in one pool step", self.batch_size)
-            histogram("wmdeploy_engine_step_seconds", "one batched pool step (engine calls)", self.engine_seconds)
+            histogram("wmdeploy_queue_seconds", "a step's wait from queued to the start of its batch",
+                      self.queue_seconds)
+            histogram("wmdeploy_compute_seconds", "the engine calls of one batch", self.compute_seconds)
             histogram("wmdeploy_persist_seconds", "writing a batch's snapshots to the state log (one fsync)",
                       self.persist_seconds)
             histogram("wmdeploy_step_request_seconds", "a step request, received to answered", self.request_seconds)

@@ -7,9 +7,16 @@ is in the :class:`~.persist.StateLog`). With ``--persist`` every acknowledged ch
 is already in the log before it is answered, so evicting a session is free (it just leaves the pool) and
 restoring it is a ``pool.join(snapshot)`` on its next request. Without ``--persist`` an evicted session
 is gone, and the server says so (and why) when the client comes back, instead of a bare "unknown".
+
+Ownership (``--api-key``): a session's key in this table (and in the state log) is ``OWNER + "\0" + id``,
+where OWNER is a fingerprint of the API key that made it (:func:`owner_of_key`). A request can only name
+keys in its own namespace, so another tenant's session is not merely forbidden but *absent*: it answers
+exactly like an id that was never created (404, same body), and creating the same id under two keys
+makes two sessions, so that not even a 409 reveals that the other exists. Client ids never hold "\0".
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -24,6 +31,28 @@ from .persist import StateLog
 
 log = logging.getLogger("wmdeploy.serve")
 _FORGET_MAX = 10_000  # evicted keys remembered (without --persist) to explain a later 404
+
+
+SEP = "\0"
+
+
+def owner_of_key(api_key: bytes) -> str:
+    """A stable, non-reversible tenant name for an API key: the state log stores this, never the key."""
+    return hashlib.sha256(b"wmdeploy-session-owner" + SEP.encode() + api_key).hexdigest()[:16]
+
+
+def scoped(owner: str, cid: str) -> str:
+    """The table key of client id ``cid`` for tenant ``owner`` ("" without --api-key)."""
+    return f"{owner}{SEP}{cid}" if owner else cid
+
+
+def display(key: str) -> str:
+    """The id a client knows (errors and answers never show the owner part)."""
+    return key.rpartition(SEP)[2]
+
+
+def owner_of(key: str) -> str:
+    return key.partition(SEP)[0] if SEP in key else ""
 
 
 class UnknownSession(WmdeployError):
@@ -57,14 +86,27 @@ class SessionTable:
         return key in self.live or (self.log is not None and key in self.log)
 
     def count_on_disk(self) -> int:
+        """Sessions held only in the log (evicted, or not yet touched since a restart)."""
         return 0 if self.log is None else sum(1 for k in self.log.keys() if k not in self.live)
 
+    def active_count(self, within_s: float) -> int:
+        """Resident sessions used in the last ``within_s`` seconds (the LRU order ends with the newest)."""
+        cutoff, n = time.monotonic() - within_s, 0
+        for sess in reversed(self.live.values()):
+            if sess.last_used < cutoff:
+                break
+            n += 1
+        return n
+
+    def count_persisted(self) -> int:
+        return 0 if self.log is None else len(self.log.index)
+
     def _unknown(self, key: str, what: str) -> UnknownSession:
-        why = self.forgotten.get(key)
+        why, shown = self.forgotten.get(key), display(key)
         if why:
-            return UnknownSession(f"{what} '{key}': {why}; start it again")
+            return UnknownSession(f"{what} '{shown}': {why}; start it again")
         hint = "; begin it with sequence_start=true" if what == "sequence" else "; create it with POST /v1/sessions"
-        return UnknownSession(f"{what} '{key}': unknown{hint}")
+        return UnknownSession(f"{what} '{shown}': unknown{hint}")
 
     # ---- residency ----------------------------------------------------------------------------------
     def _make_room(self, busy: set[str]) -> None:
@@ -101,7 +143,8 @@ class SessionTable:
                 raise self._unknown(key, what)
             sess = self._join(key, blob, busy or {key})
             self.metrics.restored()
-            log.info("restored", extra={"event": "restore", "session": key, "steps": sess.steps})
+            log.info("restored", extra={"event": "restore", "session": display(key), "owner": owner_of(key),
+                                        "steps": sess.steps})
         return sess
 
     def touch(self, sess: Session) -> None:
@@ -117,8 +160,8 @@ class SessionTable:
                                    "no --persist") if self.ttl is not None else "was evicted"
             while len(self.forgotten) > _FORGET_MAX:
                 self.forgotten.popitem(last=False)
-        log.info("evicted", extra={"event": "evict", "session": key, "reason": reason,
-                                   "persisted": self.log is not None})
+        log.info("evicted", extra={"event": "evict", "session": display(key), "owner": owner_of(key),
+                                   "reason": reason, "persisted": self.log is not None})
 
     def drop_resident(self, key: str) -> None:
         """Forget the in-memory state (after a failed persist): the next request restores the durable one."""
@@ -146,7 +189,7 @@ class SessionTable:
 
     def create(self, key: str, snapshot: bytes | None = None) -> dict[str, Any]:
         if key in self:
-            raise SessionExists(f"session '{key}': already exists; delete it first or step it")
+            raise SessionExists(f"session '{display(key)}': already exists; delete it first or step it")
         sess = self._join(key, snapshot, {key})
         try:
             self._persist([(key, self.pool.snapshot(sess.sid))])
@@ -192,11 +235,13 @@ class SessionTable:
     def info(self, key: str) -> dict[str, Any]:
         sess = self.live.get(key)
         if sess is not None:
-            return {"id": key, "steps": sess.steps, "resident": True,
+            return {"id": display(key), "steps": sess.steps, "resident": True,
                     "idle_s": round(time.monotonic() - sess.last_used, 3)}
         blob = self.snapshot(key)
-        return {"id": key, "steps": int(_snap.meta(blob).get("steps", 0)), "resident": False}
+        return {"id": display(key), "steps": int(_snap.meta(blob).get("steps", 0)), "resident": False}
 
-    def keys(self) -> list[str]:
+    def keys(self, owner: str | None = None) -> list[str]:
+        """Table keys (resident first, then persisted); with ``owner``: that tenant's client ids only."""
         on_disk = [] if self.log is None else [k for k in self.log.keys() if k not in self.live]
-        return list(self.live) + on_disk
+        every = list(self.live) + on_disk
+        return every if owner is None else [display(k) for k in every if owner_of(k) == owner]
