@@ -68,3 +68,20 @@ def test_streams_end_to_end_without_torch_or_onnx(rt_lstm_path, rt_lstm, tmp_pat
     """)
     assert out["heavy"] == [] and out["pool"] == [0, 1, 2] and "onnxruntime" in out["selection"]
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-6)
+
+
+def test_commands_that_need_an_extra_say_which(rt_lstm_path, tmp_path):
+    """On an edge box `wmdeploy export` is one line naming the extra to install, not a traceback."""
+    absent = BLOCKER.replace('raise ImportError(f"{name} is blocked in this edge-install test")',
+                             'raise ModuleNotFoundError(f"No module named {name!r}", name=name)')
+    code = absent + "import sys\nfrom wmdeploy.cli import main\nsys.argv = sys.argv[1:]\nmain()\n"
+    cases = [
+        (["wmdeploy", "export", "x:y", "-o", str(tmp_path / "a.onnx")], "`wmdeploy export` needs torch", "[export]"),
+        (["wmdeploy", "quantize", str(rt_lstm_path), "-o", str(tmp_path / "q.onnx"), "--mode", "int8-dynamic"],
+         "`wmdeploy quantize` needs onnx", "[export]"),
+    ]
+    for argv, message, extra in cases:
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and f"pip install 'wmdeploy{extra}'" in lines[0], proc.stderr

@@ -27,6 +27,12 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays on one line, however narrow the terminal
 
 
+#: optional modules -> the extra that installs them (the base install is the torch-free runtime)
+_EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "onnxslim": "export",
+           "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "tritonclient": "triton",
+           "google": "triton", "matplotlib": "plot"}
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -45,6 +51,13 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
         except WmdeployError as exc:
             err_console.print(f"error: {_one_line(exc)}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as exc:
+            extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            err_console.print(f"error: `wmdeploy {fn.__name__.removesuffix('_cmd')}` needs {exc.name}, which this "
+                              f"install lacks: pip install 'wmdeploy[{extra}]'", markup=False, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")

@@ -133,7 +133,8 @@ def render(info: dict[str, Any]) -> Any:
     head = Text.from_markup(
         f"[bold]{info['file']}[/] ({_human_bytes(info['file_bytes'])}), producer {info['producer'] or '?'}, "
         f"opsets {info['opsets']}\nparameters {info['parameters'] if info['parameters'] is not None else '?'}"
-        f" ({_human_bytes(info['weight_bytes'])} of weights), {info['nodes']} nodes"
+        f" ({_human_bytes(info['weight_bytes'])} of weights), {info['nodes'] if info['nodes'] is not None else '?'} nodes"
+        + ("" if info["nodes"] is not None else " (install onnx to count weights and nodes)")
     )
     parts: list[Any] = [head]
     if info["spec"] is None:
