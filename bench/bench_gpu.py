@@ -22,27 +22,17 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_timing.py, also when imported from elsewhere
+from _timing import interleaved  # noqa: E402
 
-def interleaved(methods: dict[str, Callable[[], Any]], rounds: int, per_round: int, warmup: int = 10) -> dict[str, dict[str, float]]:
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for fn in methods.values():
-        for _ in range(warmup):
-            fn()
-    clock = time.perf_counter
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            bucket = times[name]
-            for _ in range(per_round):
-                t0 = clock()
-                fn()
-                bucket.append(clock() - t0)
-    return {k: {"p50": statistics.median(v), "p90": float(np.percentile(v, 90)), "n": len(v)} for k, v in times.items()}
+
+#: warm-up calls per method before timing in this bench (``_timing.interleaved`` defaults to 5)
+WARMUP = 10
 
 
 def device_bandwidth_gbs() -> tuple[float, str]:
@@ -143,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pool = model.pool(batch)
                 req = {pool.join(): {"tokens": tok[i:i + 1]} for i in range(batch)}
                 methods[f"b{batch} {label}"] = lambda pool=pool, req=req: pool.step(req)
-        timings.update(interleaved(methods, args.rounds, args.per_round))
+        timings.update(interleaved(methods, args.rounds, args.per_round, warmup=WARMUP))
 
     floors = interleaved({"empty step": empty_step(ort, tmp, False), "empty step cuda_graph": empty_step(ort, tmp, True)},
-                         args.rounds, args.per_round)
+                         args.rounds, args.per_round, warmup=WARMUP)
     timings.update(floors)
     cpu = wmdeploy.load(path)
     csess = cpu.backend.session

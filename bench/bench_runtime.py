@@ -19,9 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_timing.py, also when imported from elsewhere
+from _timing import interleaved  # noqa: E402
 
 HIDDEN, LAYERS, EMBED, VOCAB = 1024, 2, 256, 256
 
@@ -67,23 +70,6 @@ def build_model(path: Path) -> tuple[Any, str]:
                           StateSpec("c", [LAYERS, "batch", HIDDEN], output="c_out")], chunk_invariant=True)
     onnx.save(write_spec(onnx.load(str(path)), spec), str(path))
     return module, "minimal LSTM LM exported by the bench (zoo/export not available)"
-
-
-def interleaved(methods: dict[str, Callable[[], Any]], rounds: int, per_round: int, warmup: int = 5) -> dict[str, dict[str, float]]:
-    """Median/p90 seconds per call of each method, timed call by call, methods interleaved per round."""
-    times: dict[str, list[float]] = {k: [] for k in methods}
-    for fn in methods.values():
-        for _ in range(warmup):
-            fn()
-    clock = time.perf_counter
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            bucket = times[name]
-            for _ in range(per_round):
-                t0 = clock()
-                fn()
-                bucket.append(clock() - t0)
-    return {k: {"p50": statistics.median(v), "p90": float(np.percentile(v, 90)), "n": len(v)} for k, v in times.items()}
 
 
 def bandwidth_gbs(nbytes: int = 256 << 20, repeats: int = 7) -> float:

@@ -5,9 +5,10 @@ the file's ``metadata_props``: the transform, the SHA-256 of the file it read, t
 what it changed, and the tool versions. The list keeps the whole history (export -> optimize ->
 quantize), so a shipped file says where it came from without side files.
 
-``load_onnx`` and ``save_checked`` are the two ends every transform goes through: a clear error for a
-file that is not ONNX, and a write that re-reads the result and checks that the spec survived
-(transform libraries rebuild the ModelProto and some drop or rewrite ``metadata_props``).
+``load_transform_source`` (``load_onnx`` behind a refusal to overwrite the source) and ``save_checked``
+are the two ends every transform goes through: a clear error for a file that is not ONNX, and a write
+that re-reads the result and checks that the spec survived (transform libraries rebuild the ModelProto
+and some drop or rewrite ``metadata_props``).
 """
 from __future__ import annotations
 
@@ -76,6 +77,17 @@ def read_lineage(source: Any) -> list[dict[str, Any]]:
     except json.JSONDecodeError:
         raise ModelFileError(f"{source}: the '{LINEAGE_KEY}' metadata is not valid JSON") from None
     return records if isinstance(records, list) else []
+
+
+def load_transform_source(source: Path, output: Path, error: type[Exception] = ModelFileError,
+                          ) -> tuple[Any, StreamingSpec, list[dict[str, Any]]]:
+    """The start of every transform: refuse an ``output`` that is the ``source`` itself (raising ``error``,
+    the transform's own error type), then load the source with its spec and its lineage records."""
+    if source.resolve() == output.resolve():
+        raise error(f"{output}: the output must be a new file, not the source")
+    model, spec = load_onnx(source)
+    assert spec is not None
+    return model, spec, read_lineage(model)
 
 
 def _set_meta(model: Any, key: str, value: str) -> None:

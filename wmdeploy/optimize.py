@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelFileError, VerificationError
-from .lineage import load_onnx, make_record, read_lineage, save_checked
+from .lineage import load_transform_source, make_record, save_checked
 
 LEVELS = {"none": None, "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
 PORTABILITY = {
@@ -122,11 +122,7 @@ def optimize(source: str | Path, output: str | Path, *, level: str = "basic", sl
                              "save at basic or extended (ORT applies ALL by itself when a session starts)")
     if level not in LEVELS:
         raise ModelFileError(f"--level {level!r}: expected one of {', '.join(LEVELS)}")
-    if source.resolve() == output.resolve():
-        raise ModelFileError(f"{output}: the output must be a new file, not the source")
-    model, spec = load_onnx(source)
-    assert spec is not None
-    lineage = read_lineage(model)
+    model, spec, lineage = load_transform_source(source, output, ModelFileError)
     report = OptimizeReport(str(source), str(output), level, PORTABILITY[level])
     report.stages.append(("source", graph_stats(model)))
     if slim:
