@@ -67,6 +67,8 @@ def test_parsers():
     ({"states": ["h=hN@1"], "consts": ["scale=[1, 2]"]}, "constant 'scale': value has shape"),
     ({"states": ["h=hN@1"], "consts": ["nope=1"]}, "constant 'nope': not a graph input"),
     ({"states": ["h=hN@1"], "consts": ["scale=1"], "batch_axes": {"zz": 0}}, "not data inputs"),
+    # x [T, B, 3] paired with hN [1, B, 4]: was accepted, then every step failed inside ONNX Runtime
+    ({"states": ["x=hN@1"], "consts": ["scale=1"]}, r"state 'x': output 'hN' has shape \[1, 'B', 4\] but the state is \[1, 'batch', 3\]"),
 ])
 def test_clear_errors(rt_gru_bare_path, tmp_path, kwargs, message):
     with pytest.raises(SpecError, match=message):

@@ -84,6 +84,38 @@ def test_json_version_and_format_are_checked():
         StreamingSpec.from_dict(bad)
 
 
+@pytest.mark.parametrize("dtype, init", [("int8", 300), ("int8", -129), ("uint8", 256), ("int32", 2**31)])
+def test_integer_initial_value_out_of_range_is_a_spec_error(dtype, init):
+    # same_kind casting let 300 into int8: the spec was accepted and allocating the memory raised OverflowError
+    with pytest.raises(SpecError, match=f"initial value {init} is out of range for {dtype}"):
+        StateSpec("n", ["batch"], dtype, init=init)
+    assert StateSpec("n", ["batch"], dtype, init=init // abs(init)).initial(2).dtype == np.dtype(dtype)  # +-1 fits
+    assert StateSpec("n", ["batch"], "int8", init=127).initial(1)[0] == 127
+
+
+@pytest.mark.parametrize("value, dtype, message", [
+    (300, "int8", "out of bounds"),          # was a bare OverflowError
+    (2**70, "int64", "too large"),           # was a bare OverflowError
+    (0.5, "int64", "expected an integer"),   # was silently 0
+    (None, "float32", "expected a number"),  # was silently NaN
+])
+def test_constant_values_that_do_not_fit_are_spec_errors(value, dtype, message):
+    from wmdeploy import ConstantSpec
+
+    with pytest.raises(SpecError, match=f"constant 'k': .*{message}"):
+        ConstantSpec("k", value, dtype)
+    data = spec().to_dict()
+    data["constants"] = [{"name": "k", "value": value, "dtype": dtype}]
+    with pytest.raises(SpecError, match="constant 'k'"):  # the same from a file's metadata: one line, not a traceback
+        StreamingSpec.from_dict(data)
+    assert ConstantSpec("k", 16000, "int64").array() == 16000 and ConstantSpec("k", 1, "float32").array() == 1.0
+
+
+def test_metadata_meta_that_is_not_an_object_is_a_spec_error():
+    with pytest.raises(SpecError, match="field 'meta' is list; expected an object"):
+        StreamingSpec.from_dict({**spec().to_dict(), "meta": [1, 2]})
+
+
 def test_layout_hash_changes_with_the_state_layout_only():
     a = spec()
     assert a.layout_hash() == spec().with_meta(other=1).layout_hash()

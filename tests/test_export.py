@@ -132,6 +132,9 @@ def test_load_module_resolves_file_and_package_targets_with_config_and_checkpoin
         ("nowhere/model.py:X", {}, "no such file nowhere/model.py"),
         ("tests.contract_models:TinyLSTM", {"config": "{bad"}, "--config: not valid JSON"),
         ("tests.contract_models:TinyLSTM", {"config": {"width": 3}}, "constructor rejected config"),
+        # nn.LSTM's own ValueError used to escape as a traceback
+        ("tests.contract_models:TinyLSTM", {"config": {"hidden": -1}},
+         "building it with config {'hidden': -1} failed: ValueError: hidden_size must be greater than zero"),
     ],
 )
 def test_unresolvable_targets_are_one_line_errors(target, kwargs, message):

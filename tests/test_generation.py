@@ -130,3 +130,27 @@ def test_chat_command_through_a_pipe(recall_lm):
                           input=lines, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:3][-1] == "B"
+
+
+def test_chat_load_of_a_multi_stream_snapshot_keeps_the_conversation(recall_lm, tmp_path):
+    # /load of a batch-2 snapshot used to replace the conversation with a stream no turn could run on
+    model = wmdeploy.load(recall_lm)
+    s = model.stream(batch=2)
+    s.step(tokens=np.zeros((2, 1), np.int64))
+    (tmp_path / "two.bin").write_bytes(s.snapshot())
+    replies = _replies(model, ["aBcD", "eFgHiJ", f"/load {tmp_path / 'two.bin'}", "?a"])
+    assert "a snapshot of 2 streams" in replies[2]
+    assert replies[3] == "B"  # the memory of turn 1 is still there
+
+
+def test_generate_command_refuses_a_prompt_outside_a_vocabulary_before_printing(recall_lm):
+    # the prompt used to be echoed (and with several files, a first file's whole text written) before the
+    # vocabulary error: stdout carried text from a command that failed
+    from typer.testing import CliRunner
+
+    from wmdeploy.cli import app
+
+    result = CliRunner().invoke(app, ["generate", str(recall_lm), "--prompt", "xyz", "--max-tokens", "2"])
+    assert result.exit_code == 2
+    assert "error: prompt: characters 'xyz' are not in the model's vocabulary" in result.output
+    assert result.stdout == ""

@@ -92,3 +92,22 @@ def test_bad_flags_and_inconsistent_configs_are_refused(tmp_path):
         validate_config(broken, repo.model_path, wmdeploy.read_spec(repo.model_path))
     with pytest.raises(TritonRepoError, match="does not parse"):
         validate_config("max_batch_size: 'x'", repo.model_path, wmdeploy.read_spec(repo.model_path))
+
+
+@pytest.mark.parametrize("idle", [-1.0, 0.0, 1e30, float("nan")])
+def test_idle_timeout_out_of_range_is_refused_before_writing(tmp_path, idle):
+    # a negative or huge --idle-timeout was a bare protobuf ValueError ("Value out of range") after the
+    # repository folder had been made; 0 is Triton's "default of 1 s", not "never"
+    src = tmp_path / "lstm.onnx"
+    wmdeploy.export(cm.TinyLSTM(), src, verify=False)
+    with pytest.raises(SpecError, match="--idle-timeout"):
+        write_repository(src, tmp_path / "r", idle_timeout_s=idle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_repo_that_is_a_file_is_a_clear_error(tmp_path):
+    # --repo pointing at a file raised a bare NotADirectoryError
+    src = tmp_path / "lstm.onnx"
+    wmdeploy.export(cm.TinyLSTM(), src, verify=False)
+    with pytest.raises(TritonRepoError, match="--repo .*cannot create"):
+        write_repository(src, src)

@@ -65,3 +65,34 @@ def test_chunk_schedule_respects_max_chunk():
     spec = cm.TinyLSTM().streaming_spec().with_meta(max_chunk=8)
     assert chunk_schedule(spec, (1, 7, 32), None) == [1, 7, 8, 1, 7, 8]
     assert chunk_schedule(spec, (2,), 3) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "--steps 0: expected at least 1 call"),
+    ({"steps": -3}, "--steps -3"),
+    ({"chunks": ()}, "--chunks"),
+    ({"batches": ()}, "--batches"),
+    ({"batches": (0,)}, "--batches"),
+])
+def test_nothing_to_compare_is_refused_not_passed(lstm_files, kwargs, message):
+    # steps=0 used to compare nothing and report ok ("max abs error 0"): a vacuous pass
+    from wmdeploy import InputError
+
+    _, root = lstm_files
+    with pytest.raises(InputError, match=message):
+        wmdeploy.verify(root / "a.onnx", **kwargs)
+
+
+def test_file_onnxruntime_cannot_load_is_a_one_line_error(lstm_files, tmp_path):
+    # a spec'd file that ONNX Runtime refuses (here: an opset-5 graph) used to raise ORT's InvalidGraph
+    import onnx
+
+    from wmdeploy import ModelFileError
+
+    _, root = lstm_files
+    model = onnx.load(str(root / "a.onnx"))
+    model.opset_import[0].version = 5
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.raises(ModelFileError, match="old.onnx: ONNX Runtime cannot load it") as info:
+        wmdeploy.verify(tmp_path / "old.onnx")
+    assert "\n" not in str(info.value)

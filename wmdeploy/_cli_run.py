@@ -37,7 +37,9 @@ def generate(
 
     lms = [load(m, backend=backend, device=device) for m in models]
     for lm, m in zip(lms, models):
-        language_model_info(lm.spec, str(m))  # a clear error before anything is printed
+        # a clear error before anything is printed: the prompt too (it was echoed, or a first model's whole
+        # text written, before a later model's vocabulary refused it)
+        language_model_info(lm.spec, str(m)).tokenizer.encode(prompt)
     results = []
     for lm, m in zip(lms, models):
         run = run_generate(lm, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -90,6 +90,12 @@ def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) 
             raise SpecError(f"state '{name}': axis {i} is '{d or '?'}' in the graph; a state's non-batch dims must be "
                             "fixed ints (fix them in the graph, e.g. with onnx.tools.update_model_dims)")
         shape.append(d)
+    # The output is fed back into the input: a graph that declares it another rank or another fixed size
+    # was paired by mistake (it loaded, then every step failed inside ONNX Runtime).
+    if out_dims and (len(out_dims) != len(dims) or any(
+            isinstance(o, int) and i != axis and o != shape[i] for i, o in enumerate(out_dims))):
+        raise SpecError(f"state '{name}': output '{out}' has shape {[o or '?' for o in out_dims]} but the state is "
+                        f"{shape}; a state's output must have the shape of its input")
     if _dtype(vout) != _dtype(vin):
         raise SpecError(f"state '{name}': output '{out}' is {_dtype(vout)} but the input is {_dtype(vin)}; expected the same")
     return StateSpec(name, shape, _dtype(vin), init, out), dims[axis] if isinstance(dims[axis], str) else None

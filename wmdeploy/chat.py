@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-from .errors import WmdeployError
+from .errors import InputError, WmdeployError
 from .generation import generate, language_model_info
 
 
@@ -46,7 +46,10 @@ def chat(model: Any, lines: Iterable[str], out: TextIO, *, max_tokens: int = 80,
                 Path(arg.strip()).write_bytes(stream.snapshot())
                 out.write(f"(saved {stream.steps} steps of memory to {arg.strip()})\n")
             elif command == "/load":
-                stream = model.stream(snapshot=Path(arg.strip()).read_bytes())
+                loaded = model.stream(snapshot=Path(arg.strip()).read_bytes())
+                if loaded.batch != 1:  # refused before it replaces the conversation (no turn could run on it)
+                    raise InputError(f"{arg.strip()}: a snapshot of {loaded.batch} streams; chat loads a one-stream snapshot")
+                stream = loaded
                 out.write(f"(loaded {arg.strip()})\n")
             elif line:
                 run = generate(stream, line + separator, max_tokens=max_tokens, temperature=temperature,

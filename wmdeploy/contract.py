@@ -127,7 +127,9 @@ def _check_init(owner: str, dtype: str, init: Any) -> None:
             f"{owner}: initial value {init!r} ({type(init).__name__}) does not fit dtype {dtype}; "
             f"expected a {'bool' if kind == 'b' else 'int' if kind in 'iu' else 'number'}"
         )
-    if kind in "iu" and not np.can_cast(np.min_scalar_type(init), DTYPES[dtype], casting="same_kind"):
+    # The range itself, not np.can_cast(..., "same_kind"), which allows any narrowing within a kind
+    # (300 into int8): the value then failed as a bare OverflowError when the memory was allocated.
+    if kind in "iu" and not np.iinfo(DTYPES[dtype]).min <= int(init) <= np.iinfo(DTYPES[dtype]).max:
         raise SpecError(f"{owner}: initial value {init!r} is out of range for {dtype}")
 
 
@@ -206,9 +208,15 @@ class ConstantSpec:
             raise SpecError(f"constant name {self.name!r}: expected a non-empty string")
         _check_dtype(f"constant '{self.name}'", self.dtype)
         try:
+            raw = np.asarray(self.value)
             np.asarray(self.value, dtype=DTYPES[self.dtype])
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise SpecError(f"constant '{self.name}': value {self.value!r} is not {self.dtype}: {exc}") from None
+        # Lossless in kind only, as for step inputs: 0.5 into int64 became 0 and null into float32 NaN.
+        if raw.dtype.kind not in {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}[DTYPES[self.dtype].kind]:
+            raise SpecError(f"constant '{self.name}': value {self.value!r} ({raw.dtype}) is not {self.dtype}; "
+                            f"expected {'a bool' if self.dtype == 'bool' else 'an integer' if DTYPES[self.dtype].kind in 'iu' else 'a number'} "
+                            "(or a list of them)")
 
     def array(self) -> np.ndarray:
         return np.asarray(self.value, dtype=DTYPES[self.dtype])
@@ -328,7 +336,10 @@ class StreamingSpec:
             raise SpecError(f"spec JSON: an entry lacks the field {exc}") from None
         except TypeError as exc:
             raise SpecError(f"spec JSON: malformed entry: {exc}") from None
-        return cls(inputs, outputs, states, constants, bool(data.get("chunk_invariant", False)), dict(data.get("meta", {})))
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise SpecError(f"spec JSON: field 'meta' is {type(meta).__name__}; expected an object")
+        return cls(inputs, outputs, states, constants, bool(data.get("chunk_invariant", False)), dict(meta))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "StreamingSpec":

@@ -156,6 +156,9 @@ def load_module(target: str, config: dict[str, Any] | str | None = None,
         module = factory(**kwargs)
     except TypeError as exc:
         raise ExportError(f"SPEC '{target}': constructor rejected config {kwargs}: {exc}") from None
+    except Exception as exc:  # e.g. nn.LSTM's ValueError for hidden_size=-1: one line, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"SPEC '{target}': building it with config {kwargs} failed: {type(exc).__name__}: {first}") from None
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"SPEC '{target}': returned {type(module).__name__}, expected a torch.nn.Module")
     if checkpoint is not None:

@@ -290,6 +290,10 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
         raise SpecError(f"--kind: '{kind}' is not an instance kind; expected cpu or gpu")
     if instances < 1:
         raise SpecError(f"--instances: {instances}; expected at least 1")
+    # max_sequence_idle_microseconds is a uint64 (a bad value was a bare protobuf ValueError), and Triton
+    # reads 0 as "use the default of 1 second"
+    if not 1 <= idle_timeout_s * 1_000_000 < 2**64:
+        raise SpecError(f"--idle-timeout: {idle_timeout_s}; expected a positive number of seconds (at least 1e-6)")
     if not spec.states:
         raise TritonRepoError(f"{source}: the spec declares no states; a stateless model needs no sequence batcher")
     name = name or source.stem
@@ -297,7 +301,10 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
         raise SpecError(f"--name: '{name}' is not a valid Triton model name (letters, digits, '_' and '-')")
     model_dir = Path(repo) / name
     version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        version_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TritonRepoError(f"--repo {repo}: cannot create {version_dir} ({exc.strerror or exc})") from None
     model_path = version_dir / "model.onnx"
 
     needs_wrap = bool(spec.constants) or any(t.batch_axis != 0 or len(t.shape) == 1

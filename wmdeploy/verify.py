@@ -22,7 +22,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from .contract import BATCH, StreamingSpec, read_spec
-from .errors import BackendError, SpecError
+from .errors import BackendError, InputError, ModelFileError, SpecError
 
 Arrays = dict[str, np.ndarray]
 
@@ -85,7 +85,11 @@ class OnnxRunner:
         self.spec = spec or read_spec(path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:  # onnxruntime raises its own pybind types (InvalidGraph, Fail, ...)
+            raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())})") from None
         self._consts = {c.name: c.array() for c in self.spec.constants}
         self._out_names = self.spec.graph_output_names
 
@@ -335,6 +339,12 @@ def verify(candidate: Any, reference: Any | None = None, *, chunks: Sequence[int
     ``reference`` is a PyTorch module, another ONNX file (e.g. the float model for a quantized one) or
     None (then only the file's own consistency is checked: chunking and batch independence).
     """
+    # Nothing to compare would be reported as a pass ("ok: max abs error 0"): refuse it instead.
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps {steps}: expected at least 1 call to compare")
+    for flag, values in (("--chunks", chunks), ("--batches", batches)):
+        if not len(values) or any(int(v) < 1 for v in values):
+            raise InputError(f"{flag} {list(values)}: expected one or more positive integers")
     cand = as_runner(candidate, spec)
     spec = spec or cand.spec  # type: ignore[attr-defined]
     schedule = chunk_schedule(spec, chunks, steps)
