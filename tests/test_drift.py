@@ -119,3 +119,33 @@ def test_recall_drop_bound() -> None:
     assert report(0.70, 0.69).within(bound["min_top1"], bound["max_rel"], bound["max_recall_drop"]) == (True, "")
     ok, why = report(0.70, 0.15).within(bound["min_top1"], bound["max_rel"], bound["max_recall_drop"])
     assert not ok and "55.0 points below" in why
+
+
+def test_bad_npz_targets_empty_streams_and_steps_are_one_line_errors(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from wmdeploy.calibration import load_npz
+    from wmdeploy.errors import InputError
+
+    cand, ref = pair
+    x = np.ones((2, 20), np.float32)
+    cases = {"short.npz": {"x": x, "targets": np.zeros((2, 5), np.int64)},
+             "float.npz": {"x": x, "targets": np.zeros((2, 20), np.float32)},
+             "batch.npz": {"x": x, "targets": np.zeros((3, 20), np.int64)},
+             "empty.npz": {"x": np.ones((2, 0), np.float32)}}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        result = CliRunner().invoke(app, ["verify", str(cand), "--reference", str(ref), "--data", str(tmp_path / name)])
+        assert result.exit_code == 2, (name, result.output)
+        assert name in result.output and "Traceback" not in result.output, result.output
+    for steps in ("0", "-5"):
+        result = CliRunner().invoke(app, ["verify", str(cand), "--reference", str(ref), "--steps", steps,
+                                          "--data", "random"])
+        assert result.exit_code == 2 and f"--steps {steps}" in result.output, result.output
+    # target ids outside the vocabulary would index logits silently (negative) or crash (too large)
+    lm_spec = StreamingSpec([TensorSpec("x", ["batch", "time"])], [TensorSpec("y", ["batch", "time", 2])],
+                            [StateSpec("s", ["batch"])], meta={"vocab_size": 2})
+    for bad in (-5, 7):
+        np.savez(tmp_path / "ids.npz", x=x, targets=np.full((2, 20), bad, np.int64))
+        with pytest.raises(InputError, match=f"holds {bad}"):
+            load_npz(tmp_path / "ids.npz", lm_spec)
+    np.savez(tmp_path / "fine.npz", x=x, targets=np.full((2, 20), -100, np.int64))
+    assert load_npz(tmp_path / "fine.npz", lm_spec).length == 20

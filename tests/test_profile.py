@@ -246,3 +246,21 @@ def test_server_mode_streams_concurrent_sessions_against_a_real_server(files, ba
         proc.wait(timeout=10)
     result = runner.invoke(app, ["profile", str(files["mixed"]), "--url", url, "--concurrency", "1", "--steps", "1"])
     assert result.exit_code == 2 and f"error: --url {url}: POST /v1/sessions failed" in result.output
+
+
+def test_server_mode_leaves_no_session_behind_when_the_server_refuses(files, bandwidth):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from _serve_server import ThreadServer
+    from wmdeploy._profile_server import ServerError
+    from wmdeploy.profile import profile_server
+    from wmdeploy.serve import ServeConfig
+
+    srv = ThreadServer(ServeConfig(files["mixed"], max_sessions=2))
+    try:
+        with pytest.raises(ServerError, match="answered 429"):  # the third session of --concurrency 3
+            profile_server(srv.url, [files["mixed"]], concurrency=[3], chunks=[1], steps=4, warmup=1,
+                           max_windows=3, bandwidth=bandwidth)
+        assert httpx.get(f"{srv.url}/v1/sessions").json()["sessions"] == []  # the two it made are deleted
+    finally:
+        srv.stop()

@@ -216,3 +216,16 @@ def test_quantize_refuses_a_file_that_breaks_recall(trained_recall: Path, tmp_pa
     with pytest.raises(QuantizationError, match=r"breaks the model's task: recall accuracy .* points below"):
         quantize(trained_recall, out, mode="int8-static", float_policy=("state",))
     assert not out.exists()
+
+
+def test_bad_calibration_settings_are_named_not_blamed_on_onnx_runtime(rt_lstm_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    for kw, flag in (({"calibration_steps": 0}, "--calibration-steps 0"),
+                     ({"calibration_streams": 0}, "--calibration-streams 0"),
+                     ({"calibration_chunk": 0}, "--calibration-chunk 0")):
+        with pytest.raises(QuantizationError, match=flag):
+            quantize(rt_lstm_path, out, mode="int8-static", calibration="random", **kw)
+    result = CliRunner().invoke(app, ["quantize", str(rt_lstm_path), "-o", str(out), "--mode", "int8-static",
+                                      "--calibration", str(tmp_path / "nosuch.npz")])
+    assert result.exit_code == 2 and "nosuch.npz" in result.output, result.output
+    assert "ONNX Runtime's tools" not in result.output and not out.exists()

@@ -58,3 +58,30 @@ def test_generation_on_an_unknown_session_is_refused(lm_server):
     srv, _ = lm_server
     with websockets_sync.connect(srv.url.replace("http", "ws") + "/v1/sessions/nope/generate") as ws:
         assert "'nope'" in json.loads(ws.recv(timeout=10))["error"]
+
+
+def test_generation_odd_options_are_answered_and_a_closed_socket_stops_generating(lm_server):
+    srv, _ = lm_server
+    with srv.client() as c:
+        assert c.post("/v1/sessions", json={"id": "g3"}).status_code == 201
+    url = srv.url.replace("http", "ws") + "/v1/sessions/g3/generate"
+    with websockets_sync.connect(url) as ws:
+        for text in ('{"prompt": "a", "max_tokens": 1e400}', '{"prompt": "a", "seed": -1}', "[" * 100_000):
+            ws.send(text)  # each is answered with one error line, never left waiting
+            assert "error" in json.loads(ws.recv(timeout=30)), text
+    with websockets_sync.connect(url) as ws:
+        ws.send(json.dumps({"prompt": "a", "max_tokens": 10 ** 7}))
+        for _ in range(3):
+            assert "text" in json.loads(ws.recv(timeout=30))
+    import time  # noqa: PLC0415
+
+    with srv.client() as c:
+        deadline, last = time.monotonic() + 20, -1
+        while True:  # the orphaned loop stops at its next token: the step count settles
+            time.sleep(0.5)
+            steps = c.get("/v1/sessions/g3").json()["steps"]
+            if steps == last:
+                break
+            assert time.monotonic() < deadline, "generation went on after its WebSocket closed"
+            last = steps
+        assert steps < 1000

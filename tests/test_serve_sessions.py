@@ -237,3 +237,34 @@ def test_ttl_eviction_without_persist_says_why(rt_lstm_path, rt_lstm):
             assert r.status_code == 404 and "--session-ttl" in r.json()["error"] and "--persist" in r.json()["error"]
     finally:
         srv.stop()
+
+
+def _with_meta(blob: bytes, meta: object) -> bytes:
+    """``blob`` with its header's meta replaced, re-checksummed (what any client can craft)."""
+    import hashlib  # noqa: PLC0415
+
+    from wmdeploy import snapshot as snap  # noqa: PLC0415
+
+    hlen = snap._PREFIX.unpack_from(blob, 0)[3]
+    header = json.loads(blob[snap._PREFIX.size:snap._PREFIX.size + hlen])
+    header["meta"] = meta
+    h = json.dumps(header).encode()
+    body = snap._PREFIX.pack(snap.MAGIC, snap.VERSION, 0, len(h)) + h + blob[snap._PREFIX.size + hlen:-32]
+    return body + hashlib.sha256(body).digest()
+
+
+def test_snapshot_with_bad_meta_is_400_and_takes_no_slot(rt_lstm_path, rt_lstm):
+    srv = ThreadServer(ServeConfig(rt_lstm_path, name="lm", max_sessions=2), rt_lstm)
+    try:
+        with srv.client() as c:
+            blob = rt_lstm.stream().snapshot()
+            for meta in ({"steps": "x"}, [1, 2], "ab", {"steps": -3}, {"steps": None}):
+                r = c.post("/v1/sessions?id=m", content=_with_meta(blob, meta),
+                           headers={"content-type": "application/octet-stream"})
+                assert r.status_code == 400 and "snapshot" in r.json()["error"], (meta, r.text)
+            # no slot leaked: both sessions of --max-sessions 2 can still be made
+            assert c.post("/v1/sessions", json={"id": "k1"}).status_code == 201
+            assert c.post("/v1/sessions?id=k2", content=_with_meta(blob, {"steps": 5}),
+                          headers={"content-type": "application/octet-stream"}).json()["steps"] == 5
+    finally:
+        srv.stop()

@@ -60,34 +60,46 @@ async def _cell(url: str, spec: StreamingSpec, concurrency: int, chunk: int, set
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60.0) as client:
-        ids = [(await _call(client, "POST", "/v1/sessions", json={}))["id"] for _ in range(concurrency)]
-        samples: list[float] = []
-        sent = dict.fromkeys(ids, 0)
-        acked = dict.fromkeys(ids, 0)
-        stop = asyncio.Event()
-
-        async def worker(i: int, sid: str) -> None:
-            bodies = _inputs(spec, chunk, seed=1000 * chunk + i)
-            k = 0
-            while not stop.is_set():
-                t0 = time.perf_counter_ns()
-                out = await _call(client, "POST", f"/v1/sessions/{sid}/step", json=bodies[k % len(bodies)])
-                samples.append((time.perf_counter_ns() - t0) * 1e-9)
-                k += 1
-                sent[sid] = k
-                acked[sid] = int(out["steps"])
-
-        tasks = [asyncio.create_task(worker(i, sid)) for i, sid in enumerate(ids)]
+        ids: list[str] = []
         try:
-            windows = await _windows(samples, tasks, settings, concurrency, on_window)
-        finally:
-            stop.set()
-            done = await asyncio.gather(*tasks, return_exceptions=True)
-        for exc in done:
-            if isinstance(exc, BaseException):
-                raise exc
-        for sid in ids:
-            await _call(client, "DELETE", f"/v1/sessions/{sid}")
+            for _ in range(concurrency):
+                ids.append((await _call(client, "POST", "/v1/sessions", json={}))["id"])
+            return await _measure(client, ids, spec, chunk, settings, concurrency, on_window)
+        finally:  # never leave sessions behind on the server (a 429 half-way, a failed step)
+            for sid in ids:
+                try:
+                    await _call(client, "DELETE", f"/v1/sessions/{sid}")
+                except ServerError:
+                    pass
+
+
+async def _measure(client: Any, ids: list[str], spec: StreamingSpec, chunk: int, settings: dict[str, Any],
+                   concurrency: int, on_window: Any) -> tuple[Timing, bool]:
+    samples: list[float] = []
+    sent = dict.fromkeys(ids, 0)
+    acked = dict.fromkeys(ids, 0)
+    stop = asyncio.Event()
+
+    async def worker(i: int, sid: str) -> None:
+        bodies = _inputs(spec, chunk, seed=1000 * chunk + i)
+        k = 0
+        while not stop.is_set():
+            t0 = time.perf_counter_ns()
+            out = await _call(client, "POST", f"/v1/sessions/{sid}/step", json=bodies[k % len(bodies)])
+            samples.append((time.perf_counter_ns() - t0) * 1e-9)
+            k += 1
+            sent[sid] = k
+            acked[sid] = int(out["steps"])
+
+    tasks = [asyncio.create_task(worker(i, sid)) for i, sid in enumerate(ids)]
+    try:
+        windows = await _windows(samples, tasks, settings, concurrency, on_window)
+    finally:
+        stop.set()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+    for exc in done:
+        if isinstance(exc, BaseException):
+            raise exc
     timing = Timing(windows, len(windows) >= STABLE_WINDOWS and spread([w.p50_s for w in windows[-STABLE_WINDOWS:]])
                     <= settings["stability"], settings["warmup"], windows[-STABLE_WINDOWS:])
     return timing, all(acked[s] == sent[s] > 0 for s in ids)

@@ -126,7 +126,20 @@ def load_npz(path: str | Path, spec: StreamingSpec) -> StreamData:
         raise InputError(f"{path}: the model's inputs have no '{tname}' axis to stream along")
     if len(batches) != 1:
         raise InputError(f"{path}: the arrays disagree on the batch size ({sorted(batches)})")
+    if min(lengths) < 1:
+        raise InputError(f"{path}: the sequences are empty (axis '{tname}' has length 0)")
     targets = arrays.get("targets")
+    batch = next(iter(batches))
+    if targets is not None and (targets.dtype.kind not in "iu" or targets.ndim != 2
+                                or targets.shape[0] != batch or targets.shape[1] < min(lengths)):
+        raise InputError(f"{path}: array 'targets' is {targets.dtype} {list(targets.shape)}; expected integer "
+                         f"token ids of shape [{batch}, {min(lengths)}] (batch, time; -100 where unscored)")
+    vocab = spec.meta.get("vocab_size")
+    if targets is not None and isinstance(vocab, int) and targets.size:
+        scored = targets[targets != -100]
+        if scored.size and (scored.min() < 0 or scored.max() >= vocab):
+            bad = int(scored.min()) if scored.min() < 0 else int(scored.max())
+            raise InputError(f"{path}: array 'targets' holds {bad}; expected token ids in [0, {vocab}) or -100 (unscored)")
     return StreamData({t.name: arrays[t.name] for t in spec.inputs}, min(lengths), "file", str(path),
                       targets, batches.pop())
 

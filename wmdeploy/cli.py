@@ -143,7 +143,7 @@ def verify_cmd(
     ref: Any = None
     if reference is not None:
         if reference.endswith(".onnx") and not parity:
-            _drift_cmd(model, Path(reference), steps or 512, _parse_chunks(chunks, "--chunks")[0],
+            _drift_cmd(model, Path(reference), 512 if steps is None else steps, _parse_chunks(chunks, "--chunks")[0],
                        _parse_chunks(batches, "--batches")[0], data, seed, json_out, plot)
             return
         if reference.endswith(".onnx"):

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .calibration import StreamData, resolve_streams, time_slice
-from .errors import SpecError
+from .errors import InputError, SpecError
 from .verify import as_runner, time_axis_name
 
 IGNORE = -100
@@ -240,6 +240,8 @@ def drift_report(candidate: Any, reference: Any, *, steps: int = 2048, chunk: in
     """Stream the same inputs through ``candidate`` and ``reference`` (paths or runners), each carrying
     its own state, and gather the per-bucket drift (see module doc). ``streams``: ``"task"`` (held-out
     text / recall episodes for zoo models, random otherwise), ``"random"``, a ``.npz`` path or StreamData."""
+    if steps < 1:
+        raise InputError(f"--steps {steps}: expected at least 1 step to compare")
     cand, ref = as_runner(candidate), as_runner(reference)
     cs, rs = cand.spec, ref.spec  # type: ignore[attr-defined]
     if cs.graph_input_names != rs.graph_input_names or cs.graph_output_names != rs.graph_output_names:

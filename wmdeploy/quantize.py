@@ -49,7 +49,7 @@ from ._quant_policy import _activation_range  # noqa: F401  (re-exported: tests 
 from ._quant_policy import FLOAT_POLICY, SENTINEL_RANGE, _name_nodes, keep_float, state_path_nodes
 from ._quant_precision import RECURRENT_OPS, weight_precision
 from ._quant_report import WHY_FLOAT, QuantizeReport, _recurrent_summary
-from .errors import QuantizationError
+from .errors import QuantizationError, WmdeployError
 from .lineage import load_transform_source, make_record, save_checked
 from .optimize import graph_stats
 
@@ -98,6 +98,11 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
         raise QuantizationError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if method not in CALIBRATION_METHODS:
         raise QuantizationError(f"--method {method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
+    if mode == "int8-static":
+        for flag, value in (("--calibration-streams", calibration_streams), ("--calibration-steps", calibration_steps),
+                            ("--calibration-chunk", calibration_chunk)):
+            if value < 1:
+                raise QuantizationError(f"{flag} {value}: expected at least 1")
     bad = sorted(set(float_policy) - set(FLOAT_POLICY))
     if bad:
         raise QuantizationError(f"float_policy {bad}: expected rules among {', '.join(FLOAT_POLICY)}")
@@ -141,7 +146,7 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
                 onnx.save(_fp16(model, keep_io_types), dst)
                 if not keep_io_types:
                     out_spec = _fp16_spec(spec)
-        except QuantizationError:
+        except WmdeployError:  # ours (calibration data, the spec) already says what is wrong, and where
             raise
         except Exception as exc:  # the ORT tools raise assorted types on graphs they cannot handle
             raise QuantizationError(f"{source}: {mode} failed in ONNX Runtime's tools: {type(exc).__name__}: "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -50,7 +51,12 @@ def _options(body: Any) -> dict[str, Any]:
         if key in body and body[key] is not None:
             if isinstance(body[key], bool) or not isinstance(body[key], (int, float)):
                 raise InputError(f"message field '{key}': expected a number, got {body[key]!r}")
-            options[key] = kind(body[key])
+            try:
+                options[key] = kind(body[key])
+            except (OverflowError, ValueError):  # int(1e400) or int(nan)
+                raise InputError(f"message field '{key}': expected a finite number, got {body[key]!r}") from None
+    if options.get("seed", 0) < 0:
+        raise InputError(f"message field 'seed': expected a non-negative integer, got {options['seed']}")
     return options
 
 
@@ -71,6 +77,7 @@ def register_generation(app: FastAPI, ctx: Ctx, model: Model) -> None:
             await ws.close(code=4404 if code == 404 else 4400)
             return
         loop = asyncio.get_running_loop()
+        gone = threading.Event()  # the client left: the worker stops sampling (it would step the session on)
         try:
             while True:
                 text = await ws.receive_text()
@@ -80,17 +87,22 @@ def register_generation(app: FastAPI, ctx: Ctx, model: Model) -> None:
                     try:
                         try:
                             body = json.loads(text)
-                        except json.JSONDecodeError as exc:
+                        except (json.JSONDecodeError, RecursionError) as exc:
                             raise InputError(f"message: not valid JSON ({exc})") from None
                         options = _options(body)
                         run = generate(SessionStream(batcher, key, model, ctx.check), body["prompt"], **options)
                         for piece in run:
+                            if gone.is_set():
+                                return
                             loop.call_soon_threadsafe(queue.put_nowait, {"text": piece, "token": run.tokens[-1]})
                         loop.call_soon_threadsafe(queue.put_nowait, {"done": True, "tokens": run.tokens,
                                                                      "stats": run.stats.to_dict()})
                     except WmdeployError as exc:
                         ctx.metrics.error(classify(exc)[1])
                         loop.call_soon_threadsafe(queue.put_nowait, {"error": one_line(exc)})
+                    except Exception as exc:  # noqa: BLE001  (answered, never a socket left waiting forever)
+                        ctx.metrics.error("internal")
+                        loop.call_soon_threadsafe(queue.put_nowait, {"error": f"internal error: {one_line(exc)}"})
 
                 worker = loop.run_in_executor(None, work)
                 while True:
@@ -101,3 +113,5 @@ def register_generation(app: FastAPI, ctx: Ctx, model: Model) -> None:
                 await worker
         except WebSocketDisconnect:
             pass
+        finally:
+            gone.set()

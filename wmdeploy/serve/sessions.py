@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import snapshot as _snap
-from ..errors import CapacityError, WmdeployError
+from ..errors import CapacityError, SnapshotError, WmdeployError
 from ..streaming import Model
 from .metrics import Metrics
 from .persist import StateLog
@@ -53,6 +53,18 @@ def display(key: str) -> str:
 
 def owner_of(key: str) -> str:
     return key.partition(SEP)[0] if SEP in key else ""
+
+
+def _snapshot_steps(blob: bytes) -> int:
+    """The step count in a snapshot's meta; a client's snapshot is checked here, since a bad one that
+    failed inside ``pool.join`` would fail after its slot was taken (a leaked slot and a 500)."""
+    try:
+        steps = _snap.meta(blob).get("steps", 0)
+    except (TypeError, ValueError):
+        raise SnapshotError("snapshot: its header's 'meta' is not an object") from None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise SnapshotError(f"snapshot: meta.steps {str(steps)[:20]!r}, expected a step count >= 0")
+    return steps
 
 
 class UnknownSession(WmdeployError):
@@ -126,9 +138,9 @@ class SessionTable:
                             f"{ttl}; end or delete a session, or retry later")
 
     def _join(self, key: str, snapshot: bytes | None, busy: set[str]) -> Session:
+        steps = _snapshot_steps(snapshot) if snapshot is not None else 0  # before the pool holds a slot for it
         self._make_room(busy)
         sid = self.pool.join(snapshot)
-        steps = int(_snap.meta(snapshot).get("steps", 0)) if snapshot is not None else 0
         sess = Session(key, sid, steps, time.monotonic())
         self.live[key] = sess
         self.forgotten.pop(key, None)
