@@ -106,6 +106,25 @@ def test_state_log_cuts_a_torn_tail_and_compacts(tmp_path, rt_lstm):
     log.close()
 
 
+def test_state_log_refuses_a_damaged_record_in_the_middle(tmp_path, rt_lstm):
+    """A crash tears only the last write; damage with valid records after it is not a torn tail, and
+    truncating there would silently drop acknowledged sessions: the log refuses to open instead."""
+    from wmdeploy.serve.persist import LOG_NAME, PersistError, StateLog
+
+    s = rt_lstm.stream()
+    s.step(tokens=np.array([[1, 2]]))
+    log = StateLog(tmp_path)
+    log.append([("a", s.snapshot())])
+    log.append([("b", s.snapshot())])
+    log.close()
+    raw = bytearray((tmp_path / LOG_NAME).read_bytes())
+    raw[40] ^= 0xFF  # one flipped bit inside record "a"
+    (tmp_path / LOG_NAME).write_bytes(bytes(raw))
+    with pytest.raises(PersistError, match="damaged record at byte 0 .* refusing to drop acknowledged sessions"):
+        StateLog(tmp_path)
+    assert (tmp_path / LOG_NAME).stat().st_size == len(raw)  # nothing was cut
+
+
 def test_sigterm_drains_in_flight_steps_and_restart_continues_exactly(rt_lstm_path, rt_lstm, tmp_path):
     """SIGTERM while steps wait in a batch window: each is answered (and durable), the process exits 0, and a
     restart on the same --persist holds exactly the answered state, still owned by the same API key."""

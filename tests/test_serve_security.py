@@ -112,3 +112,21 @@ def test_the_engine_queue_is_bounded(rt_lstm):
     batcher.enqueue(StepJob("b", feeds))
     with pytest.raises(Overloaded, match="retry later"):
         batcher.enqueue(StepJob("c", feeds))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("session_ttl", float("nan"), "--session-ttl: nan"),
+    ("session_ttl", float("inf"), "--session-ttl: inf"),
+    ("session_ttl", 0.0, "--session-ttl: 0.0"),
+    ("batch_window_ms", float("inf"), "--batch-window-ms: inf"),
+    ("batch_window_ms", -1.0, "--batch-window-ms: -1.0"),
+    ("max_batch", 0, "--max-batch: 0"),
+    ("max_sessions", 0, "--max-sessions: 0"),
+    ("max_chunk", 0, "--max-chunk: 0"),
+])
+def test_numbers_that_would_break_the_engine_are_refused_up_front(field, value, message):
+    from wmdeploy.errors import InputError
+    from wmdeploy.serve import ServeConfig
+
+    with pytest.raises(InputError, match=message):
+        ServeConfig("model.onnx", **{field: value})

@@ -175,3 +175,27 @@ def test_chunked_stream_equals_one_pytorch_forward_over_the_whole_sequence(name,
         start += length
     assert start == tokens.shape[1]
     np.testing.assert_allclose(np.concatenate(got, axis=1), whole, atol=2e-5, rtol=1e-4)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_stream_moves(tmp_path):
+    """-1 would silently read the last embedding row; a too-large id would fail inside the engine after
+    the other length groups of a pool step had already advanced."""
+    import torch
+
+    from _zoo_small import build_small
+    from wmdeploy.export import export
+
+    torch.manual_seed(0)
+    model = wmdeploy.load(export(build_small("lstm_lm").eval(), tmp_path / "lm.onnx", verify=False).path)
+    s = model.stream()
+    for bad, shown in ((-1, -1), (256, 256)):
+        with pytest.raises(InputError, match=f"input 'tokens': token id {shown} is outside the vocabulary"):
+            s.step(tokens=np.array([[3, bad]]))
+    assert s.steps == 0
+    pool = model.pool(4)
+    a, b = pool.join(), pool.join()
+    before = {k: v.copy() for k, v in pool.state(a).items()}
+    with pytest.raises(InputError, match="token id 300"):
+        pool.step({a: {"tokens": np.array([[1]])}, b: {"tokens": np.array([[1, 300]])}})  # two length groups
+    for k, v in pool.state(a).items():
+        np.testing.assert_array_equal(v, before[k])

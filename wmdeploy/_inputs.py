@@ -76,4 +76,18 @@ def check_inputs(spec: StreamingSpec, inputs: Mapping[str, Any], batch: int | No
                 raise InputError(f"{where}input '{t.name}': axis {axis} ('{dim}') has size {size}, expected {seen} "
                                  f"({what})")
         out[t.name] = np.ascontiguousarray(arr)
+    _check_token_ids(spec, out, where)
     return out, sizes
+
+
+def _check_token_ids(spec: StreamingSpec, feeds: Mapping[str, np.ndarray], where: str) -> None:
+    """Token ids of a language model (``meta.tokens_input``) must lie in ``[0, meta.vocab_size)``: ONNX's
+    Gather wraps a negative id silently (-1 reads the last row), and a too-large one fails inside the
+    engine, after other streams of a pool step may already have moved."""
+    name, vocab = spec.meta.get("tokens_input"), spec.meta.get("vocab_size")
+    if not name or not isinstance(vocab, int) or vocab <= 0 or name not in feeds:
+        return
+    arr = feeds[name]
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        raise InputError(f"{where}input '{name}': token id {bad} is outside the vocabulary [0, {vocab})")

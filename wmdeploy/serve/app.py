@@ -6,6 +6,7 @@ live on the engine thread. Errors are one line, ``{"error": "..."}`` on every ro
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import WmdeployError
+from ..errors import InputError, WmdeployError
 from ..streaming import Model, load
 from . import kserve
 from ._asgi import Guard
@@ -53,6 +54,24 @@ class ServeConfig:
     max_chunk: int | None = None  # None: the model's meta.max_chunk, else 4096 (see validate.resolve_max_chunk)
     max_queue: int | None = None  # steps waiting for the engine; None: 4 x max_sessions (503 beyond)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A NaN TTL would evict every session at the first sweep; an infinite window would overflow the
+        # engine thread's queue timeout and stop it: refuse such numbers here, where a CLI flag lands.
+        def bad(flag: str, value: Any, want: str) -> InputError:
+            return InputError(f"{flag}: {value!r}; expected {want}")
+
+        for flag, value in (("--max-batch", self.max_batch), ("--max-sessions", self.max_sessions),
+                            ("--max-request-bytes", self.max_request_bytes)):
+            if not isinstance(value, int) or value < 1:
+                raise bad(flag, value, "a positive integer")
+        if not (math.isfinite(self.batch_window_ms) and 0 <= self.batch_window_ms <= 60_000):
+            raise bad("--batch-window-ms", self.batch_window_ms, "a number of milliseconds in [0, 60000]")
+        if self.session_ttl is not None and not (math.isfinite(self.session_ttl) and self.session_ttl > 0):
+            raise bad("--session-ttl", self.session_ttl, "a positive, finite number of seconds")
+        for flag, value in (("--max-chunk", self.max_chunk), ("--max-queue", self.max_queue)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise bad(flag, value, "a positive integer")
 
     @property
     def model_name(self) -> str:

@@ -72,10 +72,31 @@ class StateLog:
             raise PersistError(f"--persist {self.path}: cannot open the state log ({exc})") from None
         size = os.fstat(self._fd).st_size
         good = self._replay(size)
+        if good < size and self._valid_record_after(good, size):
+            # Not a torn tail (a crash tears only the last write): a damaged record with acknowledged
+            # records behind it. Truncating would silently drop those sessions; refuse instead.
+            os.close(self._fd)
+            raise PersistError(f"--persist {self.path}: damaged record at byte {good} of {size} with valid records "
+                               "after it; refusing to drop acknowledged sessions: move the file aside to start empty")
         if good < size:  # a torn, never-acknowledged tail: cut it so the next append starts clean
             os.ftruncate(self._fd, good)
             os.fsync(self._fd)
         self._end = good
+
+    def _valid_record_after(self, start: int, size: int) -> bool:
+        """Whether a whole, checksummed record begins anywhere in ``(start, size)``."""
+        rest = os.pread(self._fd, size - start, start)
+        at = rest.find(_MAGIC, 1)
+        while at != -1:
+            if at + _HEAD.size + _CRC <= len(rest):
+                _, klen, dlen = _HEAD.unpack(rest[at:at + _HEAD.size])
+                end = at + _HEAD.size + klen + dlen + _CRC
+                if end <= len(rest):
+                    body = rest[at:end]
+                    if zlib.crc32(body[:-_CRC]) == struct.unpack("<I", body[-_CRC:])[0]:
+                        return True
+            at = rest.find(_MAGIC, at + 1)
+        return False
 
     def _replay(self, size: int) -> int:
         self.index.clear()
