@@ -82,3 +82,14 @@ def test_real_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: SPEC 'x:y': cannot import module 'x': No module named 'x'"
+
+
+def test_usage_errors_are_one_line_too():
+    """A missing argument or a bad flag value: one line naming it, exit 2 (not Typer's framed box)."""
+    for args, message in ((["export"], "error: wmdeploy export: Missing argument 'SPEC'."),
+                          (["verify", "m.onnx", "--batches", "0"], "--batches: expected comma-separated positive integers"),
+                          (["nonsense"], "error: wmdeploy: No such command 'nonsense'.")):
+        proc = subprocess.run([sys.executable, "-m", "wmdeploy", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -225,7 +225,22 @@ from . import _cli_run, _cli_transform  # noqa: E402, F401
 
 
 def main() -> None:
-    app()
+    """The console script. Usage errors (a missing argument, a bad flag value) become one line and exit 2,
+    like every other bad input, instead of Typer's framed box."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:  # click's UsageError family (vendored by Typer), matched by what it carries
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `wmdeploy` alone: the help is already printed
+            sys.exit(2)
+        if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
+            ctx = getattr(exc, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            err_console.print(f"error: {where}{_one_line(exc.format_message())}", markup=False, highlight=False)
+            sys.exit(2)
+        if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
