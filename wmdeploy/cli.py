@@ -228,7 +228,7 @@ def main() -> None:
     """The console script. Usage errors (a missing argument, a bad flag value) become one line and exit 2,
     like every other bad input, instead of Typer's framed box."""
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="wmdeploy", standalone_mode=False)
     except Exception as exc:  # click's UsageError family (vendored by Typer), matched by what it carries
         if type(exc).__name__ == "NoArgsIsHelpError":  # `wmdeploy` alone: the help is already printed
             sys.exit(2)
