@@ -345,8 +345,10 @@ def export(module: torch.nn.Module, path: str | Path, *, opset: int = 17, export
 
     # A first call checks the contract with clear errors before the exporter sees the module.
     rng = np.random.default_rng(0)
-    max_chunk = int(spec.meta.get("max_chunk", SAMPLE_TIME))
-    sizes = axis_sizes(spec, SAMPLE_BATCH, min(SAMPLE_TIME, max_chunk) if max_chunk > 1 else SAMPLE_TIME)
+    # Trace at a chunk the model accepts: never longer than its max_chunk (a model of max_chunk 1 can only
+    # ever see length 1, so a time axis specialised to 1 is then correct, not a trap).
+    max_chunk = spec.meta.get("max_chunk")
+    sizes = axis_sizes(spec, SAMPLE_BATCH, min(SAMPLE_TIME, int(max_chunk)) if max_chunk else SAMPLE_TIME)
     inputs = sample_inputs(spec, sizes, rng)
     states = spec.initial_states(SAMPLE_BATCH)
     try:
