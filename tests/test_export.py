@@ -167,3 +167,12 @@ def test_unwritable_output_is_refused(tmp_path):
             wmdeploy.export(cm.TinyLSTM(), target)
     finally:
         locked.chmod(0o700)
+
+
+def test_producer_version_is_wmdeploys_not_torchs(mixed_file):
+    # producer_version kept torch's "2.13.0", so `inspect` showed "wmdeploy (torch ...) 2.13.0"
+    _, path, _ = mixed_file
+    model = onnx.load(str(path))
+    assert model.producer_name == "wmdeploy"
+    assert model.producer_version.startswith(f"{wmdeploy.__version__} (torch {torch.__version__}, ")
+    assert wmdeploy.inspect_model(path)["producer"].startswith(f"wmdeploy {wmdeploy.__version__} (torch ")

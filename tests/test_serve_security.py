@@ -130,3 +130,13 @@ def test_numbers_that_would_break_the_engine_are_refused_up_front(field, value, 
 
     with pytest.raises(InputError, match=message):
         ServeConfig("model.onnx", **{field: value})
+
+
+@pytest.mark.parametrize("keys", [("",), ("good", "  ")])
+def test_an_empty_api_key_is_refused(keys):
+    # `--api-key "$KEY"` with KEY unset made "" a key: "Authorization: Bearer " then got in
+    from wmdeploy.errors import InputError
+    from wmdeploy.serve import ServeConfig
+
+    with pytest.raises(InputError, match="--api-key: an empty key"):
+        ServeConfig("model.onnx", api_keys=keys)

@@ -111,3 +111,13 @@ def test_repo_that_is_a_file_is_a_clear_error(tmp_path):
     wmdeploy.export(cm.TinyLSTM(), src, verify=False)
     with pytest.raises(TritonRepoError, match="--repo .*cannot create"):
         write_repository(src, src)
+
+
+def test_default_name_from_a_dotted_stem_is_made_valid(tmp_path):
+    # `annotate vad.onnx -o vad.wm.onnx` then `triton vad.wm.onnx` failed: the stem 'vad.wm' is not a Triton name
+    src = tmp_path / "lstm.wm.onnx"
+    wmdeploy.export(cm.TinyLSTM(), src, verify=False)
+    repo = write_repository(src, tmp_path / "r")
+    assert repo.model_dir.name == "lstm_wm" and 'name: "lstm_wm"' in repo.config_text
+    with pytest.raises(SpecError, match="--name: 'a.b'"):  # an explicit --name is still checked as given
+        write_repository(src, tmp_path / "r2", name="a.b")

@@ -96,3 +96,14 @@ def test_file_onnxruntime_cannot_load_is_a_one_line_error(lstm_files, tmp_path):
     with pytest.raises(ModelFileError, match="old.onnx: ONNX Runtime cannot load it") as info:
         wmdeploy.verify(tmp_path / "old.onnx")
     assert "\n" not in str(info.value)
+
+
+def test_summary_of_a_passing_report_names_the_largest_error_not_a_zero_row(lstm_files):
+    # every row passing, the excess (about -atol everywhere) named an exact-zero chunking row the worst
+    module, root = lstm_files
+    report = wmdeploy.verify(root / "a.onnx", module, chunks=(1, 5), batches=(1, 3), steps=4)
+    assert report.ok and any(r.max_abs == 0 for r in report.rows)
+    worst = report.worst()
+    assert worst.max_abs > 0
+    share = {id(r): r.max_abs / (report.atol + report.rtol * r.max_ref) for r in report.rows}
+    assert share[id(worst)] == max(share.values())

@@ -74,7 +74,7 @@ def quantize(
 def triton(
     model: Path = typer.Argument(..., help="a wmdeploy ONNX file (exported or annotated)"),
     repo: Path = typer.Option(..., "--repo", help="the model repository folder to write into"),
-    name: Optional[str] = typer.Option(None, "--name", help="model name (default: the file's stem)"),
+    name: Optional[str] = typer.Option(None, "--name", help="model name (default: the file's stem, with characters other than letters, digits, _ and - made _)"),
     max_batch: int = typer.Option(64, "--max-batch", help="max_batch_size: sequences batched per execution"),
     idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="seconds before Triton frees an idle sequence"),
     instances: int = typer.Option(1, "--instances", help="model instances"),

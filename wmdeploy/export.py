@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from . import __version__
 from .contract import BATCH, DTYPES, ONNX_TYPE_CODES, StreamingSpec, write_spec
 from .errors import ExportError, VerificationError
 from .verify import axis_sizes, sample_inputs, time_axis_name
@@ -374,7 +375,8 @@ def export(module: torch.nn.Module, path: str | Path, *, opset: int = 17, export
     _restore_graph_inputs(model, spec, path)
     _set_declared_shapes(model, spec)
     write_spec(model, spec)
-    model.producer_name = f"wmdeploy (torch {torch.__version__}, {exporter})"
+    # the version is wmdeploy's (torch.onnx leaves its own there, which read as a wmdeploy version)
+    model.producer_name, model.producer_version = "wmdeploy", f"{__version__} (torch {torch.__version__}, {exporter})"
     try:
         onnx.save(model, str(path))
     except OSError as exc:

@@ -17,6 +17,7 @@ ships), written as text, parsed back with the same schema, and every name is che
 """
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,7 +297,8 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
         raise SpecError(f"--idle-timeout: {idle_timeout_s}; expected a positive number of seconds (at least 1e-6)")
     if not spec.states:
         raise TritonRepoError(f"{source}: the spec declares no states; a stateless model needs no sequence batcher")
-    name = name or source.stem
+    # the default is the file's stem made a valid name (annotate's `vad.wm.onnx` -> `vad_wm`); --name is checked as given
+    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", source.stem)
     if not name.replace("_", "").replace("-", "").isalnum():
         raise SpecError(f"--name: '{name}' is not a valid Triton model name (letters, digits, '_' and '-')")
     model_dir = Path(repo) / name

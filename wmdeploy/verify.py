@@ -183,8 +183,11 @@ class VerifyReport:
 
     def worst(self) -> ErrorRow | None:
         failing = [r for r in self.rows if not r.ok]
-        pool = failing or self.rows
-        return max(pool, key=lambda r: (r.excess if np.isfinite(r.excess) else 1e300)) if pool else None
+        if failing:
+            return max(failing, key=lambda r: (r.excess if np.isfinite(r.excess) else 1e300))
+        # all pass: the excess is then about -atol for every row (even an exact 0), so rank by the share of
+        # the tolerance used instead, else a zero-error row could be named the worst
+        return max(self.rows, key=lambda r: r.max_abs / (self.atol + self.rtol * r.max_ref)) if self.rows else None
 
     def summary(self) -> str:
         w = self.worst()

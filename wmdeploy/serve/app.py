@@ -72,6 +72,9 @@ class ServeConfig:
         for flag, value in (("--max-chunk", self.max_chunk), ("--max-queue", self.max_queue)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise bad(flag, value, "a positive integer")
+        # `--api-key "$KEY"` with KEY unset is an empty key: "Authorization: Bearer " would then get in
+        if any(not key.strip() for key in self.api_keys):
+            raise InputError("--api-key: an empty key (is the variable it came from set?); expected a secret")
 
     @property
     def model_name(self) -> str:
