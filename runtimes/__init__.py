@@ -14,11 +14,13 @@ from .base import Backend, StateArena
 
 #: name -> "module:Class". Order matters for "auto": the first available on the device wins, so the
 #: faster engines come first: on "cuda", TensorRT through ONNX Runtime (fused, tuned kernels; the CUDA EP
-#: takes what TensorRT cannot), then the CUDA EP; on "cpu" only "onnxruntime" drives the device.
-#: (Planned: a native "tensorrt" backend, runtimes/tensorrt.py.)
+#: takes what TensorRT cannot), then the CUDA EP; on "cpu" only "onnxruntime" drives the device. The
+#: native "tensorrt" backend comes after the CUDA EP on purpose: it has not yet run on a machine with
+#: TensorRT, so "auto" takes it only where nothing verified is available; ask for it by name.
 REGISTRY: dict[str, str] = {
     "onnxruntime-tensorrt": "wmdeploy.runtimes.ort_tensorrt:OrtTensorrtBackend",
     "onnxruntime-cuda": "wmdeploy.runtimes.ort_cuda:OrtCudaBackend",
+    "tensorrt": "wmdeploy.runtimes.tensorrt:TensorrtBackend",
     "onnxruntime": "wmdeploy.runtimes.ort:OrtBackend",
 }
 

@@ -146,9 +146,9 @@ def test_auto_on_cpu_picks_onnxruntime():
 def test_auto_on_cuda_says_what_it_picked_or_why_not():
     if _has_cuda_ep():
         cls, why = select("auto", "cuda")
-        assert cls.name in ("onnxruntime-cuda", "onnxruntime-tensorrt") and f"picked '{cls.name}'" in why
-        if cls.name == "onnxruntime-cuda":
-            assert "passed over: onnxruntime-tensorrt" in why
+        assert cls.name in ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt") and f"picked '{cls.name}'" in why
+        if cls.name == "onnxruntime-cuda":  # the faster candidates were passed over, each with its reason
+            assert "passed over: onnxruntime-tensorrt: " in why
     else:
         with pytest.raises(BackendError, match="onnxruntime-cuda: onnxruntime .* has no CUDAExecutionProvider"):
             select("auto", "cuda")
@@ -244,5 +244,5 @@ def test_cuda_graph_refuses_control_flow_with_a_clear_error(cuda_ready, tmp_path
 @pytest.mark.gpu
 def test_auto_on_cuda_picks_a_gpu_backend(cuda_ready, rt_lstm_path):
     m = wmdeploy.load(rt_lstm_path, device="cuda")
-    assert m.backend_name in ("onnxruntime-cuda", "onnxruntime-tensorrt") and "auto on device 'cuda'" in m.selection
+    assert m.backend_name in ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt") and "auto on device 'cuda'" in m.selection
     print(m.selection)
