@@ -88,6 +88,11 @@ def _check_token_ids(spec: StreamingSpec, feeds: Mapping[str, np.ndarray], where
     if not name or not isinstance(vocab, int) or vocab <= 0 or name not in feeds:
         return
     arr = feeds[name]
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+    if arr.size <= 64:  # a decode step's few tokens: plain Python beats two numpy reductions (~1 vs ~5 us)
+        values = arr.ravel().tolist()
+        low, high = (min(values), max(values)) if values else (0, 0)
+    else:
+        low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
         raise InputError(f"{where}input '{name}': token id {bad} is outside the vocabulary [0, {vocab})")
