@@ -146,3 +146,21 @@ def test_metadata_and_config(server):
     assert cfg["max_batch_size"] == 0 and cfg["input"][0]["data_type"] == "TYPE_INT64"
     assert [s["input_name"] for s in cfg["sequence_batching"]["state"]] == ["h", "c"]
     assert cfg["sequence_batching"]["state"][0]["output_name"] == "h_out"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_json_answers_round_trip_every_float_exactly(monkeypatch, fast):
+    """Both printers (orjson when installed, the %.9g fallback otherwise) give back the exact float32s."""
+    from wmdeploy.serve import _common
+
+    if not fast:
+        monkeypatch.setattr(_common, "_orjson", None)
+    elif _common._orjson is None:
+        pytest.skip("orjson is not installed (the [serve] extra brings it)")
+    rng = np.random.default_rng(3)
+    for arr in (rng.standard_normal((1, 8, 256)).astype(np.float32) * 1e-30,
+                rng.standard_normal((2, 3)).astype(np.float32) * 1e30,
+                np.transpose(rng.standard_normal((4, 5)).astype(np.float32)),  # not C-contiguous
+                np.array([[np.nan, 1.0]], np.float32)):
+        back = np.asarray(json.loads(_common.array_json(arr).replace("NaN", "null")), dtype=np.float32)
+        np.testing.assert_array_equal(back, arr)
