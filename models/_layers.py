@@ -54,3 +54,26 @@ def sinusoidal(steps: torch.Tensor | int, dim: int, offset: int = 0) -> torch.Te
 def alibi_slopes(heads: int) -> torch.Tensor:
     """The ALiBi head slopes 2^(-8 i / heads), i = 1..heads."""
     return torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)], dtype=torch.float32)
+
+
+class PreNormBlock(nn.Module):
+    """A pre-norm Transformer block split around its attention, so the encoder (full attention over a
+    segment) and the decoder (attention over its KV cache) share the layers and their parameter names."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, 4 * dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
+
+    def finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The residual after attention output ``a`` (heads split), then the MLP."""
+        x = x + self.proj(merge_heads(a))
+        return x + self.mlp(self.ln2(x))

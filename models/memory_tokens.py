@@ -18,24 +18,12 @@ from torch import nn
 
 from wmdeploy.contract import StateSpec, StreamingSpec, TensorSpec
 
-from ._layers import MLP, attend, merge_heads, sinusoidal, split_heads
+from ._layers import PreNormBlock, attend, sinusoidal
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, 4 * dim)
-
+class EncoderBlock(PreNormBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
-        a = attend(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
-        x = x + self.proj(merge_heads(a))
-        return x + self.mlp(self.ln2(x))
+        return self.finish(x, attend(*self.qkv_heads(x)))
 
 
 class MemoryTokenTransformer(nn.Module):

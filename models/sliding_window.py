@@ -20,26 +20,10 @@ from torch import nn
 from wmdeploy.contract import StateSpec, StreamingSpec, TensorSpec
 
 from ._common import lm_meta, window_mask
-from ._layers import MLP, alibi_slopes, attend, merge_heads, split_heads
+from ._layers import PreNormBlock, alibi_slopes, attend
 
 
-class DecoderBlock(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, 4 * dim)
-
-    def qkv_heads(self, x: torch.Tensor):
-        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
-        return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
-
-    def finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        x = x + self.proj(merge_heads(a))
-        return x + self.mlp(self.ln2(x))
+DecoderBlock = PreNormBlock  # attention over the KV cache is written out in SlidingWindowTransformerLM
 
 
 class SlidingWindowTransformerLM(nn.Module):

@@ -63,15 +63,7 @@ def client_key(scope: dict[str, Any], cid: Any, what: str = "id") -> str:
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(body or b"{}")
-    except RecursionError:
-        raise InputError("request body: JSON nested too deeply") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"request body: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise InputError("request body: expected a JSON object")
-    return obj
+    return kserve.json_object(body or b"{}", InputError, "request body: expected a JSON object")
 
 
 ENCODINGS = ("json", "base64")

@@ -36,6 +36,19 @@ class KServeError(WmdeployError):
     """A malformed v2 request (answered 400 with ``{"error": ...}``)."""
 
 
+def json_object(body: bytes, error: type[WmdeployError], not_object: str) -> dict[str, Any]:
+    """``body`` parsed as a JSON object, or ``error`` with one line (the session API and KServe share it)."""
+    try:
+        obj = json.loads(body)
+    except RecursionError:
+        raise error("request body: JSON nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"request body: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise error(not_object)
+    return obj
+
+
 @dataclass
 class InferRequest:
     id: str | None
@@ -117,14 +130,7 @@ def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None, 
             raise KServeError(f"Inference-Header-Content-Length: {hlen}, expected 1..{len(body)} (the body's length)")
     else:
         hlen = len(body)
-    try:
-        req = json.loads(body[:hlen])
-    except RecursionError:
-        raise KServeError("request body: JSON nested too deeply") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KServeError(f"request body: not valid JSON ({exc})") from None
-    if not isinstance(req, dict):
-        raise KServeError("request body: expected a JSON object with 'inputs'")
+    req = json_object(body[:hlen], KServeError, "request body: expected a JSON object with 'inputs'")
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
         raise KServeError("parameters: expected an object")
