@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import onnxruntime as ort
 
     import wmdeploy
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
     from wmdeploy.models import zoo
 
     tmp = Path(tempfile.mkdtemp(prefix="wmdeploy-gpu-bench-"))

@@ -101,12 +101,12 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from wmdeploy.drift import drift_report
-    from wmdeploy.export import export
-    from wmdeploy.lineage import read_lineage  # noqa: F401
+    from wmdeploy.transform.drift import drift_report
+    from wmdeploy.exporter import export
+    from wmdeploy.transform.lineage import read_lineage  # noqa: F401
     from wmdeploy.models.zoo import build
-    from wmdeploy.optimize import optimize
-    from wmdeploy.quantize import quantize
+    from wmdeploy.transform.optimizer import optimize
+    from wmdeploy.transform.quantizer import quantize
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_q_"))
     torch.manual_seed(0)

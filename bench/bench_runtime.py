@@ -35,7 +35,7 @@ def build_model(path: Path) -> tuple[Any, str]:
 
     torch.manual_seed(0)
     try:
-        from wmdeploy.export import export
+        from wmdeploy.exporter import export
         from wmdeploy.models.lstm_lm import LSTMLanguageModel
 
         module = LSTMLanguageModel.preset("2x1024").eval()
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- our fixed per-call cost, where the engine's time does not drown it: a tiny LSTM LM -----------
     tiny_overhead_us = None
     try:
-        from wmdeploy.export import export
+        from wmdeploy.exporter import export
         from wmdeploy.models.lstm_lm import LSTMLanguageModel
 
         export(LSTMLanguageModel.preset("tiny").eval(), tmp / "tiny.onnx", verify=False)

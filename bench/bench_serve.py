@@ -41,7 +41,7 @@ ZOO = "lstm_lm_2x1024"
 def export_zoo(path: Path) -> None:
     import torch  # noqa: PLC0415
 
-    from wmdeploy.export import export  # noqa: PLC0415
+    from wmdeploy.exporter import export  # noqa: PLC0415
     from wmdeploy.models.zoo import build  # noqa: PLC0415
 
     torch.manual_seed(0)

@@ -25,9 +25,9 @@ from _timing import interleaved  # noqa: E402
 def _export(workdir: Path) -> tuple[Path, Path]:
     import torch
 
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
     from wmdeploy.models.zoo import build
-    from wmdeploy.quantize import quantize
+    from wmdeploy.transform.quantizer import quantize
 
     torch.manual_seed(0)
     f32 = workdir / "lm.onnx"

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import wmdeploy
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
     from wmdeploy.models import zoo
-    from wmdeploy.verify import axis_sizes, sample_inputs
+    from wmdeploy.runners import axis_sizes, sample_inputs
 
     tmp = Path(tempfile.mkdtemp())
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()

@@ -117,7 +117,7 @@ def recall_onnx_metrics(model: torch.nn.Module, chunk: int = 4) -> dict[str, Any
     ``chunk`` tokens per call: the number that says the working memory survives deployment."""
     import tempfile  # noqa: PLC0415
 
-    from wmdeploy.export import export  # noqa: PLC0415
+    from wmdeploy.exporter import export  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "recall.onnx"

@@ -17,7 +17,7 @@ SMALL_ZOO = {
 def export_small(name: str, directory: Path) -> Path:
     import torch
 
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
     from wmdeploy.models.zoo import build
 
     path = directory / f"{name}.onnx"

@@ -25,7 +25,7 @@ def export_small(name: str, directory: Path, verify: bool = False) -> Path:
     """``directory/<name>.onnx``, exported once (seeded) and reused."""
     import torch
 
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
 
     path = directory / f"{name}.onnx"
     if not path.exists():

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import wmdeploy
-from wmdeploy.annotate import annotate, parse_const, parse_state
+from wmdeploy.annotation import annotate, parse_const, parse_state
 from wmdeploy.contract import read_spec
 from wmdeploy.errors import SpecError
 from _rt_models import GRU_HIDDEN, gru_reference

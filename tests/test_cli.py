@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from wmdeploy.cli import app
+from wmdeploy.cli.app import app
 from tests import contract_models as cm
 
 runner = CliRunner()

@@ -10,10 +10,10 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from wmdeploy.calibration import StreamData
-from wmdeploy.cli import app
+from wmdeploy.transform.calibration import StreamData
+from wmdeploy.cli.app import app
 from wmdeploy.contract import StateSpec, StreamingSpec, TensorSpec, write_spec
-from wmdeploy.drift import _finish_lm, _score_lm, drift_report, step_buckets
+from wmdeploy.transform.drift import _finish_lm, _score_lm, drift_report, step_buckets
 
 
 def _accumulator(path: Path, leak: float, offset: float) -> Path:
@@ -107,7 +107,7 @@ def test_report_json_plot_and_cli(pair: tuple[Path, Path], tmp_path: Path) -> No
 
 def test_recall_drop_bound() -> None:
     """``within`` holds the recall task to its bound: accuracy of candidate against reference, in points."""
-    from wmdeploy.drift import DRIFT_BOUNDS, DriftReport
+    from wmdeploy.transform.drift import DRIFT_BOUNDS, DriftReport
 
     def report(acc_ref: float, acc_cand: float) -> DriftReport:
         r = DriftReport("q.onnx", "f.onnx", 16, 4, 1, "recall episodes", [(1, 16)], task="recall")
@@ -122,7 +122,7 @@ def test_recall_drop_bound() -> None:
 
 
 def test_bad_npz_targets_empty_streams_and_steps_are_one_line_errors(pair: tuple[Path, Path], tmp_path: Path) -> None:
-    from wmdeploy.calibration import load_npz
+    from wmdeploy.transform.calibration import load_npz
     from wmdeploy.errors import InputError
 
     cand, ref = pair

@@ -9,7 +9,7 @@ import torch
 
 import wmdeploy
 from wmdeploy import ExportError, VerificationError, read_spec
-from wmdeploy.export import load_module, run_module
+from wmdeploy.torch_module import load_module, run_module
 from tests import contract_models as cm
 
 

@@ -91,7 +91,7 @@ def test_not_a_language_model_is_a_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def recall_lm(tmp_path_factory):
     """The shipped recall-trained GRU + attention model: stores ``kV`` pairs, answers ``?k`` with V."""
-    from wmdeploy.export import export_module
+    from wmdeploy.exporter import export_module
     from wmdeploy.models.zoo import ZOO
 
     entry = ZOO["gru_attention"]
@@ -148,7 +148,7 @@ def test_generate_command_refuses_a_prompt_outside_a_vocabulary_before_printing(
     # vocabulary error: stdout carried text from a command that failed
     from typer.testing import CliRunner
 
-    from wmdeploy.cli import app
+    from wmdeploy.cli.app import app
 
     result = CliRunner().invoke(app, ["generate", str(recall_lm), "--prompt", "xyz", "--max-tokens", "2"])
     assert result.exit_code == 2

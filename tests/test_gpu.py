@@ -19,7 +19,7 @@ from wmdeploy.runtimes._device import block_geometry, parse_device, runs
 from wmdeploy.runtimes.ort_cuda import OrtCudaBackend, _no_alias
 from wmdeploy.runtimes.ort_tensorrt import profile_shapes, tensorrt_provider_options
 from wmdeploy.streaming import Model
-from wmdeploy.verify import axis_sizes, sample_inputs
+from wmdeploy.runners import axis_sizes, sample_inputs
 
 # ---- helpers --------------------------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ def cuda_ready(rt_gru_path: Path) -> None:
 
 def _export_zoo(name: str, directory: Path) -> Path:
     torch = pytest.importorskip("torch")
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
     from wmdeploy.models import zoo
 
     torch.manual_seed(0)

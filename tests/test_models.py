@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from wmdeploy.export import export, export_module
+from wmdeploy.exporter import export, export_module
 from wmdeploy.models.gated_memory import GatedMemoryCell, GatedMemoryLM
 from wmdeploy.models.lstm_lm import PRESETS, LSTMLanguageModel
 from wmdeploy.models.sliding_window import SlidingWindowTransformerLM

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from wmdeploy.cli import app
+from wmdeploy.cli.app import app
 from wmdeploy.contract import read_spec
 from wmdeploy.errors import ModelFileError
-from wmdeploy.lineage import file_sha256, read_lineage
-from wmdeploy.optimize import optimize
+from wmdeploy.transform.lineage import file_sha256, read_lineage
+from wmdeploy.transform.optimizer import optimize
 
 
 @pytest.fixture(scope="module")

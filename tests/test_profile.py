@@ -11,12 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from tests import contract_models as cm
-from wmdeploy import _machine
-from wmdeploy._timing import PERCENTILES, latency_stats, measure, spread
-from wmdeploy.cli import app
+from wmdeploy.profiling import machine as _machine
+from wmdeploy.profiling.timing import PERCENTILES, latency_stats, measure, spread
+from wmdeploy.cli.app import app
 from wmdeploy.contract import read_spec
 from wmdeploy.inspect import inspect_model
-from wmdeploy.profile import load_report, profile
+from wmdeploy.profiling.report import load_report
+from wmdeploy.profiling.runner import profile
 
 runner = CliRunner()
 BATCHES, CHUNKS, STEPS, WARMUP = [1, 3], [1, 4], 5, 2
@@ -26,7 +27,7 @@ BATCHES, CHUNKS, STEPS, WARMUP = [1, 3], [1, 4], 5, 2
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
 
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
 
     d = tmp_path_factory.mktemp("profile")
     torch.manual_seed(0)
@@ -226,7 +227,7 @@ def test_server_mode_streams_concurrent_sessions_against_a_real_server(files, ba
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
             time.sleep(0.2)
-        from wmdeploy.profile import profile_server
+        from wmdeploy.profiling.server import profile_server
 
         rep = profile_server(url, [files["mixed"]], concurrency=[1, 3], chunks=[2], steps=4, warmup=1,
                              max_windows=3, bandwidth=bandwidth)
@@ -252,8 +253,8 @@ def test_server_mode_leaves_no_session_behind_when_the_server_refuses(files, ban
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")
     from _serve_server import ThreadServer
-    from wmdeploy._profile_server import ServerError
-    from wmdeploy.profile import profile_server
+    from wmdeploy.profiling.server import ServerError
+    from wmdeploy.profiling.server import profile_server
     from wmdeploy.serve import ServeConfig
 
     srv = ThreadServer(ServeConfig(files["mixed"], max_sessions=2))

@@ -10,14 +10,14 @@ import pytest
 from typer.testing import CliRunner
 
 import wmdeploy
-from wmdeploy.calibration import StatefulCalibrationReader, random_streams, task_streams
-from wmdeploy.cli import app
+from wmdeploy.transform.calibration import StatefulCalibrationReader, random_streams, task_streams
+from wmdeploy.cli.app import app
 from wmdeploy.contract import read_spec
-from wmdeploy.drift import DRIFT_BOUNDS, drift_report
+from wmdeploy.transform.drift import DRIFT_BOUNDS, drift_report
 from wmdeploy.errors import QuantizationError
-from wmdeploy.lineage import file_sha256, read_lineage
-from wmdeploy.quantize import MODES, SENTINEL_RANGE, _activation_range, quantize
-from wmdeploy.verify import OnnxRunner
+from wmdeploy.transform.lineage import file_sha256, read_lineage
+from wmdeploy.transform.quantizer import MODES, SENTINEL_RANGE, _activation_range, quantize
+from wmdeploy.runners import OnnxRunner
 
 from _quant_models import SMALL_ZOO, export_small
 
@@ -182,7 +182,7 @@ RECALL_EVAL = {"streams": 16, "length": 512, "chunk": 4, "seed": 1234}
 
 @pytest.fixture(scope="module")
 def trained_recall(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from wmdeploy.export import export_module
+    from wmdeploy.exporter import export_module
     from wmdeploy.models.zoo import ZOO
 
     entry = ZOO["gru_attention"]

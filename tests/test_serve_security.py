@@ -78,8 +78,7 @@ def test_server_made_ids_are_128_random_bits(server):
 
 
 def test_limits_and_defaults(server, rt_lstm_path, rt_lstm):
-    from wmdeploy.cli import app as cli_app
-    import wmdeploy._cli_run  # noqa: F401  (registers serve)
+    from wmdeploy.cli import app as cli_app  # the package registers every command
 
     serve_cmd = typer.main.get_command(cli_app).commands["serve"]  # type: ignore[attr-defined]
     assert {p.name: p.default for p in serve_cmd.params}["host"] == "127.0.0.1"

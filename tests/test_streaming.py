@@ -156,7 +156,7 @@ def test_chunked_stream_equals_one_pytorch_forward_over_the_whole_sequence(name,
     import torch
 
     from _zoo_small import build_small
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
 
     torch.manual_seed(0)
     module = build_small(name).eval()
@@ -183,7 +183,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_any_stream_moves(tm
     import torch
 
     from _zoo_small import build_small
-    from wmdeploy.export import export
+    from wmdeploy.exporter import export
 
     torch.manual_seed(0)
     model = wmdeploy.load(export(build_small("lstm_lm").eval(), tmp_path / "lm.onnx", verify=False).path)

@@ -360,7 +360,7 @@ def test_fp16_on_tensorrt_10_sets_the_builder_flag_with_a_fake(fake, rt_gru_path
 
 
 def _feeds(spec: StreamingSpec, batch: int, time: int) -> dict[str, np.ndarray]:
-    from wmdeploy.verify import axis_sizes, sample_inputs
+    from wmdeploy.runners import axis_sizes, sample_inputs
 
     return sample_inputs(spec, axis_sizes(spec, batch, time), np.random.default_rng(5))
 

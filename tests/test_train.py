@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from wmdeploy.export import export
+from wmdeploy.exporter import export
 from wmdeploy.models import tasks
 from wmdeploy.models.train import train
 from wmdeploy.models.zoo import CHECKPOINT_DIR, load_zoo_model

@@ -8,7 +8,7 @@ import torch
 
 import wmdeploy
 from wmdeploy import SpecError
-from wmdeploy.verify import OnnxRunner, chunk_schedule
+from wmdeploy.runners import OnnxRunner, chunk_schedule
 from tests import contract_models as cm
 
 

@@ -1,12 +1,17 @@
 """wmdeploy: sequence models with a working memory, from PyTorch to a streaming runtime.
 
-The runtime names (``load``, ``Model``, ``Stream``, ``StreamPool``) and the contract import without
-torch; ``export`` and ``verify`` pull torch in only when first used.
+The Python API mirrors the command line one to one: ``wmdeploy.export`` is ``wmdeploy export``,
+``verify``, ``annotate``, ``optimize``, ``quantize``, ``profile``, ``generate``, ``triton_repository``
+likewise, and ``load`` opens a file for streaming. Every one of them is a plain function, imported on
+first access, so that ``import wmdeploy`` stays torch-free (the runtime names and the contract need
+only numpy + onnxruntime). No module shares a name with one of these functions: the modules are named
+for what they hold (``exporter``, ``verifier``, ``annotation``, ``transform/``, ``profiling/``), so that
+importing a module never rebinds a function's name.
 """
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .contract import BATCH, ConstantSpec, StateSpec, StreamingSpec, TensorSpec, read_spec, write_spec
 from .errors import (
@@ -23,33 +28,59 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-# name -> module that defines it; imported on first access so that `import wmdeploy` stays torch-free.
-_LAZY = {
-    "export": "wmdeploy.export",
-    "export_module": "wmdeploy.export",
-    "load_module": "wmdeploy.export",
-    "verify": "wmdeploy.verify",
-    "VerifyReport": "wmdeploy.verify",
-    "inspect_model": "wmdeploy.inspect",
-    "load": "wmdeploy.streaming",
-    "Model": "wmdeploy.streaming",
-    "Stream": "wmdeploy.streaming",
-    "StreamPool": "wmdeploy.streaming",
-    "annotate": "wmdeploy.annotate",
-    "generate": "wmdeploy.generation",
-    "Generation": "wmdeploy.generation",
+# public name -> (module, attribute); imported on first access so that `import wmdeploy` stays torch-free.
+_LAZY: dict[str, tuple[str, str]] = {
+    "export": ("wmdeploy.exporter", "export"),
+    "export_module": ("wmdeploy.exporter", "export_module"),
+    "ExportResult": ("wmdeploy.exporter", "ExportResult"),
+    "load_module": ("wmdeploy.torch_module", "load_module"),
+    "verify": ("wmdeploy.verifier", "verify"),
+    "VerifyReport": ("wmdeploy.verifier", "VerifyReport"),
+    "inspect_model": ("wmdeploy.inspect", "inspect_model"),
+    "annotate": ("wmdeploy.annotation", "annotate"),
+    "optimize": ("wmdeploy.transform.optimizer", "optimize"),
+    "quantize": ("wmdeploy.transform.quantizer", "quantize"),
+    "drift_report": ("wmdeploy.transform.drift", "drift_report"),
+    "profile": ("wmdeploy.profiling.runner", "profile"),
+    "profile_server": ("wmdeploy.profiling.server", "profile_server"),
+    "load": ("wmdeploy.streaming", "load"),
+    "Model": ("wmdeploy.streaming", "Model"),
+    "Stream": ("wmdeploy.streaming", "Stream"),
+    "StreamPool": ("wmdeploy.streaming", "StreamPool"),
+    "generate": ("wmdeploy.generation", "generate"),
+    "Generation": ("wmdeploy.generation", "Generation"),
+    "chat": ("wmdeploy.chat", "chat"),
+    "triton_repository": ("wmdeploy.triton", "write_repository"),
 }
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports on first use
+    from .annotation import annotate
+    from .chat import chat
+    from .exporter import ExportResult, export, export_module
+    from .generation import Generation, generate
+    from .inspect import inspect_model
+    from .profiling.runner import profile
+    from .profiling.server import profile_server
+    from .streaming import Model, Stream, StreamPool, load
+    from .torch_module import load_module
+    from .transform.drift import drift_report
+    from .transform.optimizer import optimize
+    from .transform.quantizer import quantize
+    from .triton import write_repository as triton_repository
+    from .verifier import VerifyReport, verify
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module 'wmdeploy' has no attribute {name!r}")
-    mod = import_module(module)
-    # ``export`` and ``verify`` are callable modules (see _callable.py): return the module itself.
-    value = mod if module == f"wmdeploy.{name}" else getattr(mod, name)
+    value = getattr(import_module(where[0]), where[1])
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 __all__ = [

@@ -180,7 +180,7 @@ class BatchFirstRunner:
     """Runs the wrapped copy while speaking the original layout, so it can be verified against it."""
 
     def __init__(self, path: Path, original: StreamingSpec):
-        from .verify import OnnxRunner  # noqa: PLC0415
+        from .runners import OnnxRunner  # noqa: PLC0415
 
         self.inner = OnnxRunner(path)
         self.spec = original
@@ -318,7 +318,7 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
         proto, changes = wrap_batch_first(proto, spec)
         onnx.save(proto, str(model_path))
         if verify:
-            from .verify import verify as run_verify  # noqa: PLC0415
+            from .verifier import verify as run_verify  # noqa: PLC0415
 
             report = run_verify(BatchFirstRunner(model_path, spec), source, spec=spec, chunks=(1, 5), batches=(1, 3))
             if not report.ok:

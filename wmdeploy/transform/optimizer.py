@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelFileError, VerificationError
+from ..errors import ModelFileError, VerificationError
 from .lineage import load_transform_source, make_record, save_checked
 
 LEVELS = {"none": None, "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}
@@ -141,7 +141,7 @@ def optimize(source: str | Path, output: str | Path, *, level: str = "basic", sl
                          weight_bytes=[report.before["weight_bytes"], report.after["weight_bytes"]])
     save_checked(model, output, spec, lineage, record)
     if verify_steps:
-        from .verify import verify  # noqa: PLC0415
+        from ..verifier import verify  # noqa: PLC0415
 
         check = verify(output, source, chunks=(1, 7), batches=(1, 2), steps=verify_steps, atol=atol, rtol=rtol)
         report.verify_summary = check.summary()

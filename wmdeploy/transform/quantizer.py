@@ -43,15 +43,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._quant_check import RECALL_CHANCE, TASK_CHECK, _loads_in_child, _short_check, _task_check
-from ._quant_fp16 import _fp16, _fp16_spec
-from ._quant_policy import _activation_range  # noqa: F401  (re-exported: tests read calibrated ranges with it)
-from ._quant_policy import FLOAT_POLICY, SENTINEL_RANGE, _name_nodes, keep_float, state_path_nodes
-from ._quant_precision import RECURRENT_OPS, weight_precision
-from ._quant_report import WHY_FLOAT, QuantizeReport, _recurrent_summary
-from .errors import QuantizationError, WmdeployError
+from .check import RECALL_CHANCE, TASK_CHECK, _loads_in_child, _short_check, _task_check
+from .fp16 import _fp16, _fp16_spec
+from .policy import _activation_range  # noqa: F401  (re-exported: tests read calibrated ranges with it)
+from .policy import FLOAT_POLICY, SENTINEL_RANGE, _name_nodes, keep_float, state_path_nodes
+from .precision import RECURRENT_OPS, weight_precision
+from .report import WHY_FLOAT, QuantizeReport, _recurrent_summary
+from ..errors import QuantizationError, WmdeployError
 from .lineage import load_transform_source, make_record, save_checked
-from .optimize import graph_stats
+from .optimizer import graph_stats
 
 MODES = ("int8-dynamic", "int8-static", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")

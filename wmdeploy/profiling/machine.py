@@ -110,7 +110,7 @@ def gpus() -> list[dict[str, Any]]:
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """JSON-ready facts: host, CPU model and cores, memory, Python/NumPy/ONNX Runtime versions, GPUs."""
-    from . import __version__  # noqa: PLC0415
+    from .. import __version__  # noqa: PLC0415
 
     info: dict[str, Any] = {
         "hostname": platform.node(),

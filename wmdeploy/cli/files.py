@@ -1,79 +1,15 @@
-"""The ``wmdeploy`` command line: a thin layer over the library (every command is a Python call too).
-
-Errors that wmdeploy raises on purpose become one line on stderr and exit code 2; a verification that
-fails prints its report and exits 1.
-"""
+"""``wmdeploy export``, ``verify``, ``inspect`` and ``annotate``: the commands about one model file."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import typer
-from rich.console import Console
 
-from .errors import VerificationError, WmdeployError
-
-app = typer.Typer(
-    name="wmdeploy",
-    help="Deploy sequence models with a working memory: export, inspect, verify, annotate, and more.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # an error stays on one line, however narrow the terminal
-
-
-#: optional modules -> the extra that installs them (the base install is the torch-free runtime)
-_EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "onnxslim": "export",
-           "fastapi": "serve", "uvicorn": "serve", "httpx": "serve", "tritonclient": "triton",
-           "google": "triton", "matplotlib": "plot"}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn wmdeploy's errors into one line and an exit code (2 bad input, 1 failed verification)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except VerificationError as exc:
-            if exc.report is not None and hasattr(exc.report, "table"):
-                err_console.print(exc.report.table())
-            err_console.print(f"error: {_one_line(exc)}", markup=False, highlight=False)
-            raise typer.Exit(1) from None
-        except WmdeployError as exc:
-            err_console.print(f"error: {_one_line(exc)}", markup=False, highlight=False)
-            raise typer.Exit(2) from None
-        except ModuleNotFoundError as exc:
-            extra = _EXTRAS.get((exc.name or "").partition(".")[0])
-            if extra is None:
-                raise
-            err_console.print(f"error: `wmdeploy {fn.__name__.removesuffix('_cmd')}` needs {exc.name}, which this "
-                              f"install lacks: pip install 'wmdeploy[{extra}]'", markup=False, highlight=False)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _parse_chunks(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{flag}: expected comma-separated positive integers such as 1,7,32, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise typer.BadParameter(f"{flag}: expected comma-separated positive integers such as 1,7,32, got {text!r}")
-    return values
+from ..errors import VerificationError
+from .app import _parse_chunks, app, cli_errors, console, err_console
 
 
 @app.command(epilog="Example: wmdeploy export wmdeploy.models.lstm_lm:LSTMLanguageModel -o out/lm.onnx "
@@ -93,7 +29,7 @@ def export(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the verification report as JSON"),
 ) -> None:
     """Export a PyTorch streaming model to ONNX with its state as inputs/outputs, then verify it."""
-    from .export import export_module  # noqa: PLC0415  (torch only for this command)
+    from ..exporter import export_module  # noqa: PLC0415  (torch only for this command)
 
     chunk_list = _parse_chunks(chunks, "--chunks")
     with console.status(f"exporting {target} to {output} and verifying ..."):
@@ -138,7 +74,7 @@ def verify_cmd(
     models; it fails (exit 1) when the drift exceeds the documented bound of the transform in MODEL's
     lineage.
     """
-    from .verify import verify as run_verify  # noqa: PLC0415
+    from ..verifier import verify as run_verify  # noqa: PLC0415
 
     ref: Any = None
     if reference is not None:
@@ -149,7 +85,7 @@ def verify_cmd(
         if reference.endswith(".onnx"):
             ref = Path(reference)
         else:
-            from .export import load_module  # noqa: PLC0415
+            from ..torch_module import load_module  # noqa: PLC0415
 
             ref = load_module(reference, config, checkpoint)
     with console.status(f"verifying {model} ..."):
@@ -170,7 +106,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Inputs, outputs, state pairs (bytes per stream), parameters, weight bytes, opset, producer."""
-    from .inspect import inspect_model, render  # noqa: PLC0415
+    from ..inspect import inspect_model, render  # noqa: PLC0415
 
     info = inspect_model(model)
     if as_json:
@@ -188,7 +124,7 @@ def annotate(
     const: List[str] = typer.Option([], "--const", help="NAME=VALUE: an input fed VALUE on every call"),
 ) -> None:
     """Write the wmdeploy spec into a third-party stateful ONNX file so every command can use it."""
-    from .annotate import annotate as run_annotate  # noqa: PLC0415
+    from ..annotation import annotate as run_annotate  # noqa: PLC0415
 
     spec = run_annotate(model, output, states=list(state), consts=list(const))
     console.print(f"wrote {output}: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs, "
@@ -199,8 +135,8 @@ def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int,
                json_out: Optional[Path], plot: Optional[Path]) -> None:
     from rich.progress import Progress  # noqa: PLC0415
 
-    from .drift import DRIFT_BOUNDS, drift_report  # noqa: PLC0415
-    from .lineage import read_lineage  # noqa: PLC0415
+    from ..transform.drift import DRIFT_BOUNDS, drift_report  # noqa: PLC0415
+    from ..transform.lineage import read_lineage  # noqa: PLC0415
 
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task(f"streaming {steps} steps through both models", total=steps)
@@ -218,30 +154,3 @@ def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int,
     if not ok:
         raise VerificationError(f"{model}: drift beyond the {transforms[-1]} bound: {why}")
     console.print(f"ok: {report.summary()}" + (f" (within the {transforms[-1]} bound {bound})" if bound else ""))
-
-
-# the other commands register themselves on `app` when imported
-from . import _cli_run, _cli_transform  # noqa: E402, F401
-
-
-def main() -> None:
-    """The console script. Usage errors (a missing argument, a bad flag value) become one line and exit 2,
-    like every other bad input, instead of Typer's framed box."""
-    try:
-        code = app(prog_name="wmdeploy", standalone_mode=False)
-    except Exception as exc:  # click's UsageError family (vendored by Typer), matched by what it carries
-        if type(exc).__name__ == "NoArgsIsHelpError":  # `wmdeploy` alone: the help is already printed
-            sys.exit(2)
-        if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
-            ctx = getattr(exc, "ctx", None)
-            where = f"{ctx.command_path}: " if ctx is not None else ""
-            err_console.print(f"error: {where}{_one_line(exc.format_message())}", markup=False, highlight=False)
-            sys.exit(2)
-        if type(exc).__name__ == "Abort":  # Ctrl-C at a prompt
-            sys.exit(130)
-        raise
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-if __name__ == "__main__":
-    main()

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
-from .contract import StreamingSpec
-from .errors import InputError, ModelFileError
-from .verify import OnnxRunner, axis_sizes, sample_inputs, time_axis_name
+from ..contract import StreamingSpec
+from ..errors import InputError, ModelFileError
+from ..runners import OnnxRunner, axis_sizes, sample_inputs, time_axis_name
 
 Arrays = dict[str, np.ndarray]
 
@@ -46,7 +46,7 @@ class StreamData:
 
 def model_task(spec: StreamingSpec) -> str | None:
     """``recall`` or ``text`` when the zoo has a data generator for this model's task, else None."""
-    from .models.tasks import RECALL_CHARS  # noqa: PLC0415  (numpy only)
+    from ..models.tasks import RECALL_CHARS  # noqa: PLC0415  (numpy only)
 
     vocab = spec.meta.get("vocab") or {}
     if spec.meta.get("task") != "lm":
@@ -67,7 +67,7 @@ def _token_input(spec: StreamingSpec) -> str:
 
 def task_streams(spec: StreamingSpec, batch: int, length: int, seed: int = 0, split: str = "train") -> StreamData:
     """The model's own task data (see module doc); random inputs when the zoo has none for its task."""
-    from .models import tasks  # noqa: PLC0415
+    from ..models import tasks  # noqa: PLC0415
 
     task = model_task(spec)
     rng = np.random.default_rng(seed)

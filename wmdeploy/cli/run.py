@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli import app, cli_errors, console, err_console
+from .app import app, cli_errors, console, err_console
 
 
 @app.command(epilog="Example: wmdeploy generate out/lm.onnx out/lm.int8.onnx --prompt 'The river' --max-tokens 200 --seed 1")
@@ -32,8 +32,8 @@ def generate(
     """
     from rich.table import Table  # noqa: PLC0415
 
-    from .generation import generate as run_generate, language_model_info  # noqa: PLC0415
-    from .streaming import load  # noqa: PLC0415
+    from ..generation import generate as run_generate, language_model_info  # noqa: PLC0415
+    from ..streaming import load  # noqa: PLC0415
 
     lms = [load(m, backend=backend, device=device) for m in models]
     for lm, m in zip(lms, models):
@@ -85,8 +85,8 @@ def chat(
     backend: str = typer.Option("auto", "--backend"),
 ) -> None:
     """A conversation kept in the model's working memory; /reset, /save FILE, /load FILE, /quit."""
-    from .chat import chat as run_chat  # noqa: PLC0415
-    from .streaming import load  # noqa: PLC0415
+    from ..chat import chat as run_chat  # noqa: PLC0415
+    from ..streaming import load  # noqa: PLC0415
 
     lm = load(model, backend=backend)
     run_chat(lm, sys.stdin, sys.stdout, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -120,8 +120,10 @@ def profile_cmd(
     """Per-step latency percentiles and throughput of streaming models on this machine, with the state
     carried from step to step, side by side across files, backends, batch sizes and chunk lengths, and
     each step's distance to the memory-bandwidth floor."""
-    from . import profile as prof  # noqa: PLC0415
-    from .errors import InputError  # noqa: PLC0415
+    from ..profiling import runner as prof  # noqa: PLC0415
+    from ..profiling.report import parse_ints  # noqa: PLC0415
+    from ..profiling.server import profile_server  # noqa: PLC0415
+    from ..errors import InputError  # noqa: PLC0415
 
     if not models:
         raise InputError("MODEL.onnx: expected at least one ONNX file (with --url: the file the server serves)")
@@ -148,11 +150,11 @@ def profile_cmd(
         window = {"steps": steps, "seconds": 0.5 if seconds is None else seconds, "warmup": warmup,
                   "stability": stability / 100, "max_windows": max_windows, "progress": progress}
         if url is not None:
-            report = prof.profile_server(url, models, prof.parse_ints(concurrency, "--concurrency"),
-                                         chunks=prof.parse_ints(chunk, "--chunk"), api_key=api_key, **window)
+            report = profile_server(url, models, parse_ints(concurrency, "--concurrency"),
+                                         chunks=parse_ints(chunk, "--chunk"), api_key=api_key, **window)
         else:
-            report = prof.profile(models, backends=backends, device=device, batches=prof.parse_ints(batch, "--batch"),
-                                  chunks=prof.parse_ints(chunk, "--chunk"), threads=threads, mode=mode,
+            report = prof.profile(models, backends=backends, device=device, batches=parse_ints(batch, "--batch"),
+                                  chunks=parse_ints(chunk, "--chunk"), threads=threads, mode=mode,
                                   backend_options={"cuda_graph": True} if cuda_graph else None, **window)
     console.print(report.table(console.width))
     for flag, path, write in (("--json", json_out, report.write_json), ("--csv", csv_out, report.write_csv),
@@ -186,7 +188,7 @@ def serve_cmd(
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
     """Serve MODEL over HTTP: sessions with their own memory, batched; JSON API + KServe v2 (Triton sequences)."""
-    from .serve import ServeConfig, serve  # noqa: PLC0415  (fastapi/uvicorn only for this command)
+    from ..serve import ServeConfig, serve  # noqa: PLC0415  (fastapi/uvicorn only for this command)
 
     if max_batch < 1 or max_sessions < 1 or batch_window_ms < 0 or (session_ttl is not None and session_ttl <= 0):
         raise typer.BadParameter("--max-batch and --max-sessions must be >= 1, --batch-window-ms >= 0, --session-ttl > 0")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._quant_report import QuantizeReport
+    from .report import QuantizeReport
 
 
 def _loads_in_child(path: Path) -> str | None:

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .calibration import StreamData, resolve_streams, time_slice
-from .errors import InputError, SpecError
-from .verify import as_runner, time_axis_name
+from ..errors import InputError, SpecError
+from ..runners import as_runner, time_axis_name
 
 IGNORE = -100
 #: documented bounds per mode (zoo models, 2048 steps, chunk 1): top-1 agreement of a language model's
@@ -201,7 +201,7 @@ class DriftReport:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt  # noqa: PLC0415
         except ImportError:
-            from .errors import WmdeployError  # noqa: PLC0415
+            from ..errors import WmdeployError  # noqa: PLC0415
 
             raise WmdeployError("--plot needs matplotlib: pip install 'wmdeploy[plot]'") from None
         fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .cli import app, cli_errors, console
+from .app import app, cli_errors, console
 
 
 @app.command(epilog="Example: wmdeploy optimize lm.onnx -o lm.opt.onnx --level basic")
@@ -21,7 +21,7 @@ def optimize(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
 ) -> None:
     """Simplify, constant-fold and optimize the graph; node counts and weight bytes before and after."""
-    from .optimize import optimize as run_optimize  # noqa: PLC0415
+    from ..transform.optimizer import optimize as run_optimize  # noqa: PLC0415
 
     with console.status(f"optimizing {model} ..."):
         report = run_optimize(model, output, level=level, slim=slim)
@@ -49,7 +49,7 @@ def quantize(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
 ) -> None:
     """Quantize for the target; say what became INT8/FP16 and what stayed float, and why."""
-    from .quantize import quantize as run_quantize  # noqa: PLC0415
+    from ..transform.quantizer import quantize as run_quantize  # noqa: PLC0415
 
     with console.status(f"quantizing {model} ({mode}) ..."):
         report = run_quantize(model, output, mode=mode, calibration=calibration, method=method,
@@ -82,7 +82,7 @@ def triton(
     strategy: str = typer.Option("oldest", "--strategy", help="sequence batching strategy: direct or oldest"),
 ) -> None:
     """Write a Triton Inference Server model repository (sequence batching with implicit state)."""
-    from .triton import write_repository  # noqa: PLC0415
+    from ..triton import write_repository  # noqa: PLC0415
 
     with console.status(f"writing a Triton repository for {model} ..."):
         result = write_repository(model, repo, name=name, max_batch=max_batch, idle_timeout_s=idle_timeout,

@@ -5,7 +5,7 @@ The client speaks the server's JSON session API: ``POST /v1/sessions`` makes a s
 with the session's step count, ``DELETE`` frees it. ``C`` sessions each run a loop of steps on one
 asyncio event loop (one thread: a load generator on the same small machine must not eat the cores it is
 measuring), and every request's end-to-end latency is a sample. Windows and the stability rule are the
-local profile's (:mod:`wmdeploy._timing`). The step counts the server returns prove the state was
+local profile's (:mod:`wmdeploy.profiling.timing`). The step counts the server returns prove the state was
 carried: each session must have advanced exactly as many steps as it was sent.
 
 In the report a server cell has ``mode="server"``, ``batch`` = the concurrency, ``steps_per_s`` =
@@ -21,11 +21,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _machine
-from ._timing import MIN_WINDOW_STEPS, STABLE_WINDOWS, Timing, Window, spread
-from .contract import StreamingSpec
-from .errors import InputError, WmdeployError
-from .verify import axis_sizes, sample_inputs
+from . import machine as _machine
+from .report import Cell, ProfileReport, Progress, model_facts, positive_ints, speedups
+from .timing import MIN_WINDOW_STEPS, STABLE_WINDOWS, Timing, Window, spread
+from ..contract import StreamingSpec
+from ..errors import InputError, WmdeployError
+from ..runners import axis_sizes, sample_inputs
 
 
 class ServerError(WmdeployError):
@@ -152,23 +153,22 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def profile_server(url: str, files: Sequence[Any], concurrency: Sequence[int], chunks: Sequence[int], *,
-                   steps: int | None, seconds: float, warmup: int, stability: float, max_windows: int,
-                   api_key: str | None, bandwidth: Any, progress: Any) -> Any:
+def profile_server(url: str, files: Sequence[Any], concurrency: Sequence[int] = (1, 8, 64),
+                   chunks: Sequence[int] = (1,), steps: int | None = None, seconds: float = 0.5, warmup: int = 5,
+                   stability: float = 0.10, max_windows: int = 10, api_key: str | None = None,
+                   bandwidth: _machine.Bandwidth | None = None, progress: Progress | None = None) -> ProfileReport:
     """Profile a running ``wmdeploy serve`` at ``url``: ``concurrency`` sessions each streaming.
 
     ``files`` is the model the server serves (its spec makes valid chunks). One cell per (concurrency,
-    chunk); see :mod:`wmdeploy._profile_server`.
+    chunk); see :mod:`wmdeploy.profiling.server`.
     """
-    from .profile import Cell, ProfileReport, _facts, _positive_ints, _speedups  # noqa: PLC0415  (no import cycle)
-
     url = check_url(url)
     if len(files) != 1:
         raise InputError(f"--url: expected exactly one MODEL.onnx, the file the server serves (for its spec), got {len(files)}")
-    conc, chunks = _positive_ints(concurrency, "--concurrency"), _positive_ints(chunks, "--chunk")
+    conc, chunks = positive_ints(concurrency, "--concurrency"), positive_ints(chunks, "--chunk")
     if steps is not None and steps < 1:
         raise InputError(f"--steps: expected a positive integer, got {steps}")
-    (facts,) = _facts(files)
+    (facts,) = model_facts(files)
     settings = {"url": url, "backends": ["server"], "device": "server", "batches": conc, "chunks": chunks,
                 "steps": steps, "seconds": seconds, "warmup": warmup, "threads": None, "mode": "server",
                 "stability": stability, "max_windows": max_windows}
@@ -192,7 +192,7 @@ def profile_server(url: str, files: Sequence[Any], concurrency: Sequence[int], c
                 cell.floor_s = (facts.weight_bytes + 2 * c * facts.state_bytes_per_stream) / bw.bytes_per_s
             if progress:
                 progress(len(cells), total, what)
-    _speedups(cells)
+    speedups(cells)
     return ProfileReport(_machine.machine_info("cpu"), bw, None, None, settings, [facts], cells)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._quant_precision import RECURRENT_OPS
+from .precision import RECURRENT_OPS
 
 WHY_FLOAT = {
     "int8-dynamic": {"GRU": "ORT dynamic quantization has no GRU kernel (only DynamicQuantizeLSTM)",

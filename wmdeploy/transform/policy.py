@@ -1,14 +1,14 @@
 """int8-static: the float policy, the rules that keep a stateful model intact through QDQ quantization
 (``state``: the state path stays float; ``sentinel``: activations whose calibrated range holds a mask
-fill stay float). Why each rule exists is in ``wmdeploy.quantize``'s module doc."""
+fill stay float). Why each rule exists is in ``wmdeploy.transform.quantizer``'s module doc."""
 from __future__ import annotations
 
 from typing import Any
 
-from ._quant_precision import _subgraphs
+from .precision import _subgraphs
 
 #: int8-static: a calibrated activation range reaching this magnitude (or not finite) is a sentinel such
-#: as a -1e9 / -1e4 / -inf attention-mask fill, not data; the tensor stays float (see ``wmdeploy.quantize``)
+#: as a -1e9 / -1e4 / -inf attention-mask fill, not data; the tensor stays float (see ``wmdeploy.transform.quantizer``)
 SENTINEL_RANGE = 1e4
 #: int8-static rules for what stays float: "state" (state path) and "sentinel" (mask fills); both by default
 FLOAT_POLICY = ("state", "sentinel")

@@ -1,4 +1,4 @@
-"""The rich tables of a :class:`~wmdeploy.profile.ProfileReport` (terminal output only)."""
+"""The rich tables of a :class:`~wmdeploy.profiling.report.ProfileReport` (terminal output only)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from .profile import ProfileReport
+    from .runner import ProfileReport
 
 
 def human_bytes(n: float | None) -> str:

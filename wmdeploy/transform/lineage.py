@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .contract import METADATA_KEY, StreamingSpec, read_spec, spec_from_metadata, write_spec
-from .errors import ModelFileError
+from ..contract import METADATA_KEY, StreamingSpec, read_spec, spec_from_metadata, write_spec
+from ..errors import ModelFileError
 
 LINEAGE_KEY = "wmdeploy.lineage"
 
@@ -101,7 +101,7 @@ def _set_meta(model: Any, key: str, value: str) -> None:
 def make_record(transform: str, source: str | Path, options: dict[str, Any], **facts: Any) -> dict[str, Any]:
     import onnxruntime  # noqa: PLC0415
 
-    from . import __version__  # noqa: PLC0415
+    from .. import __version__  # noqa: PLC0415
 
     return {
         "transform": transform,

@@ -1,10 +1,10 @@
 """``fp16`` mode: float16 weights and compute, with the recurrent ops and their layout neighbours kept
-float32 (ORT's CPU provider has no float16 recurrent kernels; see ``wmdeploy.quantize``'s module doc)."""
+float32 (ORT's CPU provider has no float16 recurrent kernels; see ``wmdeploy.transform.quantizer``'s module doc)."""
 from __future__ import annotations
 
 from typing import Any
 
-from ._quant_precision import RECURRENT_OPS
+from .precision import RECURRENT_OPS
 
 _LAYOUT_OPS = {"Transpose", "Squeeze", "Unsqueeze", "Reshape", "Slice", "Concat"}
 
@@ -51,7 +51,7 @@ def _fp16_spec(spec: Any) -> Any:
     """The spec of a graph whose float32 boundary tensors became float16 (``keep_io_types=False``)."""
     from dataclasses import replace  # noqa: PLC0415
 
-    from .contract import StreamingSpec  # noqa: PLC0415
+    from ..contract import StreamingSpec  # noqa: PLC0415
 
     def half(x: Any) -> Any:
         return replace(x, dtype="float16") if x.dtype == "float32" else x

@@ -1,0 +1,201 @@
+"""The torch side of export and verification: build a user's module from ``file.py:Name`` or
+``package.module:Name``, load its checkpoint, and run one call of it under the streaming contract.
+
+``exporter`` and ``runners.TorchRunner`` both use it; it imports torch at module level, so nothing on the
+runtime path may import it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .contract import StreamingSpec
+from .errors import ExportError
+
+
+
+# ---- resolving a module from the command line ---------------------------------------------------
+
+def _import_target(target: str) -> Any:
+    if ":" not in target:
+        raise ExportError(f"SPEC '{target}': expected path/to/file.py:Name or package.module:Name")
+    where, _, name = target.rpartition(":")
+    if not name.isidentifier():
+        raise ExportError(f"SPEC '{target}': '{name}' is not a Python name")
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise ExportError(f"SPEC '{target}': no such file {path}")
+        mod_name = f"_wmdeploy_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise ExportError(f"SPEC '{target}': cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ExportError(f"SPEC '{target}': importing {path} failed: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ExportError(f"SPEC '{target}': cannot import module '{where}': {exc}") from None
+    if not hasattr(module, name):
+        raise ExportError(f"SPEC '{target}': '{where}' has no attribute '{name}'")
+    return getattr(module, name)
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    raise ExportError(
+        f"checkpoint {path}: expected a state_dict or a dict holding one under 'state_dict', "
+        "'model_state_dict' or 'model'"
+    )
+
+
+def load_checkpoint(module: torch.nn.Module, checkpoint: str | Path) -> dict[str, Any]:
+    """Load trained weights (``torch.load(weights_only=True)``) strictly; returns the whole checkpoint."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"checkpoint {path}: cannot be loaded with weights_only=True: {first}") from None
+    state = _extract_state_dict(obj, path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if mismatched:
+            parts.append(f"shape mismatch {mismatched[:3]}")
+        raise ExportError(f"checkpoint {path} does not match {type(module).__name__}: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)
+    return obj if isinstance(obj, dict) else {}
+
+
+def load_module(target: str, config: dict[str, Any] | str | None = None,
+                checkpoint: str | Path | None = None) -> torch.nn.Module:
+    """Build the module named by ``target`` (a class or factory) with ``config`` and load ``checkpoint``.
+
+    ``config`` is a dict or a JSON object string of constructor keyword arguments. A checkpoint dict with
+    a ``config`` entry supplies defaults that ``config`` overrides.
+    """
+    if isinstance(config, str):
+        try:
+            config = json.loads(config) if config.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"--config: not valid JSON ({exc})") from None
+    if config is not None and not isinstance(config, dict):
+        raise ExportError(f"--config: expected a JSON object of constructor arguments, got {type(config).__name__}")
+    kwargs = dict(config or {})
+    ckpt_obj: Any = None
+    if checkpoint is not None:
+        ckpt_path = Path(checkpoint)
+        if ckpt_path.is_file():
+            try:
+                ckpt_obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            except Exception:
+                ckpt_obj = None  # load_checkpoint below reports it
+        if isinstance(ckpt_obj, dict) and isinstance(ckpt_obj.get("config"), dict):
+            kwargs = {**ckpt_obj["config"], **kwargs}
+    factory: Callable[..., Any] = _import_target(target)
+    if not callable(factory):
+        raise ExportError(f"SPEC '{target}': not a class or factory function")
+    try:
+        module = factory(**kwargs)
+    except TypeError as exc:
+        raise ExportError(f"SPEC '{target}': constructor rejected config {kwargs}: {exc}") from None
+    except Exception as exc:  # e.g. nn.LSTM's ValueError for hidden_size=-1: one line, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"SPEC '{target}': building it with config {kwargs} failed: {type(exc).__name__}: {first}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"SPEC '{target}': returned {type(module).__name__}, expected a torch.nn.Module")
+    if checkpoint is not None:
+        load_checkpoint(module, checkpoint)
+    return module.eval()
+
+
+# ---- the contract, checked on the module --------------------------------------------------------
+
+def module_spec(module: torch.nn.Module) -> StreamingSpec:
+    fn = getattr(module, "streaming_spec", None)
+    if not callable(fn):
+        raise ExportError(
+            f"{type(module).__name__} has no streaming_spec() method; a streaming model declares its "
+            "inputs, outputs and states (see DESIGN.md, 'The contract')"
+        )
+    spec = fn()
+    if not isinstance(spec, StreamingSpec):
+        raise ExportError(f"{type(module).__name__}.streaming_spec() returned {type(spec).__name__}, expected StreamingSpec")
+    return spec
+
+
+def run_module(module: torch.nn.Module, spec: StreamingSpec, inputs: dict[str, np.ndarray],
+               states: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One call of ``module`` under the contract, with every returned tensor checked against the spec."""
+    args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])) for t in spec.inputs]
+    args += [torch.from_numpy(c.array()) for c in spec.constants]
+    args += [torch.from_numpy(np.ascontiguousarray(states[s.name])) for s in spec.states]
+    with torch.no_grad():
+        result = module(*args)
+    if isinstance(result, torch.Tensor):
+        result = (result,)
+    result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    expected = len(spec.outputs) + len(spec.states)
+    name = type(module).__name__
+    if len(result) != expected:
+        raise ExportError(
+            f"{name}.forward returned {len(result)} tensors; the spec expects {expected} "
+            f"({len(spec.outputs)} outputs {[t.name for t in spec.outputs]} then {len(spec.states)} next states "
+            f"{[s.output for s in spec.states]})"
+        )
+    batch = next(iter(states.values())).shape[spec.states[0].batch_axis] if spec.states else None
+    outs: dict[str, np.ndarray] = {}
+    for t, value in zip(spec.outputs, result):
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(f"{name}.forward: output '{t.name}' is {type(value).__name__}, expected a tensor")
+        arr = value.detach().cpu().numpy()
+        if arr.ndim != len(t.shape):
+            raise ExportError(f"{name}.forward: output '{t.name}' has rank {arr.ndim}, the spec says {len(t.shape)} {list(t.shape)}")
+        for axis, d in enumerate(t.shape):
+            if isinstance(d, int) and arr.shape[axis] != d:
+                raise ExportError(f"{name}.forward: output '{t.name}' has shape {list(arr.shape)}, the spec says {list(t.shape)}")
+        if arr.dtype != t.np_dtype:
+            raise ExportError(f"{name}.forward: output '{t.name}' is {arr.dtype}, the spec says {t.dtype}")
+        outs[t.name] = arr
+    nxt: dict[str, np.ndarray] = {}
+    for s, value in zip(spec.states, result[len(spec.outputs):]):
+        if not isinstance(value, torch.Tensor):
+            raise ExportError(f"{name}.forward: next state '{s.output}' is {type(value).__name__}, expected a tensor")
+        arr = value.detach().cpu().numpy()
+        want = s.shape_for(batch if batch is not None else 1)
+        if tuple(arr.shape) != want:
+            raise ExportError(f"{name}.forward: next state '{s.output}' has shape {list(arr.shape)}, expected {list(want)} from the spec {list(s.shape)}")
+        if arr.dtype != s.np_dtype:
+            raise ExportError(f"{name}.forward: next state '{s.output}' is {arr.dtype}, the spec says {s.dtype}")
+        nxt[s.name] = arr
+    return outs, nxt
