@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pool = model.pool(B)
     sids = [pool.join() for _ in range(B)]
     req = {sid: {"tokens": tok64[i:i + 1]} for i, sid in enumerate(sids)}
-    big_pool = model.pool(4 * B)  # capacity > live streams: the [2, batch, H] state needs a gather/scatter
+    big_pool = model.pool(4 * B, reserve=4 * B)  # slots > live streams: the [2, batch, H] state needs a gather/scatter
     big_sids = [big_pool.join() for _ in range(B)]
     big_req = {sid: {"tokens": tok64[i:i + 1]} for i, sid in enumerate(big_sids)}
     singles = [model.stream() for _ in range(B)]

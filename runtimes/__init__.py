@@ -17,11 +17,14 @@ from .base import Backend, StateArena
 #: takes what TensorRT cannot), then the CUDA EP; on "cpu" only "onnxruntime" drives the device. The
 #: native "tensorrt" backend comes after the CUDA EP on purpose: it has not yet run on a machine with
 #: TensorRT, so "auto" takes it only where nothing verified is available; ask for it by name.
+#: "openvino" drives cpu/gpu/npu but "auto" picks it only on gpu/npu (its ``auto_devices``): on a CPU,
+#: ONNX Runtime stays the default so that results equal ONNX Runtime's unless asked otherwise.
 REGISTRY: dict[str, str] = {
     "onnxruntime-tensorrt": "wmdeploy.runtimes.ort_tensorrt:OrtTensorrtBackend",
     "onnxruntime-cuda": "wmdeploy.runtimes.ort_cuda:OrtCudaBackend",
     "tensorrt": "wmdeploy.runtimes.tensorrt:TensorrtBackend",
     "onnxruntime": "wmdeploy.runtimes.ort:OrtBackend",
+    "openvino": "wmdeploy.runtimes.openvino:OpenVinoBackend",
 }
 
 
@@ -33,6 +36,16 @@ def backend_class(name: str) -> type[Backend]:
         return getattr(import_module(module), cls)
     except ImportError as exc:
         raise BackendError(f"backend '{name}': cannot be imported ({exc})") from None
+
+
+def _classes() -> list[type[Backend]]:
+    out = []
+    for name in REGISTRY:
+        try:
+            out.append(backend_class(name))
+        except BackendError:
+            pass
+    return out
 
 
 def select(backend: str, device: str) -> tuple[type[Backend], str]:
@@ -49,18 +62,22 @@ def select(backend: str, device: str) -> tuple[type[Backend], str]:
         return cls, f"asked for '{backend}': {why}"
     kind = device.partition(":")[0]
     tried: list[str] = []
+    # Backends that drive this device but that auto does not take here say why (cheaply, no engine import).
+    notes = [cls.auto_note(device) for cls in _classes() if kind in cls.devices
+             and kind not in getattr(cls, "auto_devices", cls.devices) and hasattr(cls, "auto_note")]
     for name in REGISTRY:
         try:
             cls = backend_class(name)
         except BackendError as exc:
             tried.append(str(exc))
             continue
-        if kind not in cls.devices:
+        if kind not in getattr(cls, "auto_devices", cls.devices):
             continue
         ok, why = cls.available(device)
         if ok:
             passed = f"; passed over: {'; '.join(tried)}" if tried else ""
-            return cls, f"auto on device '{device}': picked '{name}' ({why}){passed}"
+            noted = f"; not considered: {'; '.join(notes)}" if notes else ""
+            return cls, f"auto on device '{device}': picked '{name}' ({why}){passed}{noted}"
         tried.append(f"{name}: {why}")
     raise BackendError(f"backend 'auto' on device '{device}': none available ({'; '.join(tried) or 'no backend drives it'})")
 
@@ -75,7 +92,8 @@ def create(path: Any, spec: Any, backend: str = "auto", device: str = "cpu", **o
     if unknown:
         known = sorted(k for k in params if k not in ("self", "path", "spec", "device"))
         raise BackendError(f"backend '{cls.name}' ({why.split(':')[0]}) does not take option(s) {unknown}; it takes {known}")
-    return cls(path, spec, device, **{k: v for k, v in options.items() if k in params or takes_any}), why
+    engine = cls(path, spec, device, **{k: v for k, v in options.items() if k in params or takes_any})
+    return engine, why + getattr(engine, "selection_note", "")  # e.g. the precision a backend really runs
 
 
 __all__ = ["Backend", "StateArena", "REGISTRY", "backend_class", "select", "create"]

@@ -12,6 +12,23 @@ resident and ``Stream``/``StreamPool`` never change when one is added.
 
 Slots are given either as a ``range`` (a contiguous run of slots, which a backend may bind as a view with
 no gather/scatter) or as a 1-D int array (any slots; the backend gathers and scatters).
+
+Two optional parts of the arena protocol (both have defaults here, so an arena that only implements the
+four abstract methods still works, just slower):
+
+* **Growth** (``resize(capacity, keep)``): a ``StreamPool`` keeps its live streams in slots ``0..n-1`` and
+  asks its arena to grow geometrically as streams join and to shrink when most slots stay empty, so
+  memory follows the live streams, not the pool's limit. An arena reallocates its buffers *contiguous*
+  at the new capacity (the view binding of slot runs keeps working), copies slots ``0..keep-1`` bit for
+  bit, and starts the others at the initial state. Without ``resize`` (the default raises
+  ``NotImplementedError``) the pool falls back to a new ``Backend.arena`` and a host round trip of the kept
+  slots through ``read``/``write``. ``nbytes`` is what the arena holds (for ``/metrics``).
+* **Undo** (``checkpoint``/``rollback``/``commit``): a pool step with several chunk lengths makes one
+  engine call per length; if a later call fails, the streams of the earlier ones must not have moved.
+  The pool takes ``checkpoint(slots)`` of the earlier groups before the second call, and ``rollback`` or
+  ``commit`` after. Between the two, each checkpointed slot is run at most once and nothing else touches
+  it. The default copies the states to the host (``read``) and writes them back (``write``); a ping-pong
+  arena just remembers which buffer was live (the old state is still in the other one), for free.
 """
 from __future__ import annotations
 
@@ -47,6 +64,30 @@ class StateArena(ABC):
     def move(self, src: int, dst: int) -> None:
         """Copy the state of slot ``src`` into slot ``dst`` (used to keep a pool's live slots packed)."""
 
+    #: bytes of state memory this arena holds (all its buffers); 0 where an arena does not say
+    nbytes: int = 0
+
+    def resize(self, capacity: int, keep: int) -> None:
+        """Reallocate for ``capacity`` slots (contiguous); slots ``0..keep-1`` keep their states bit for bit
+        (``keep <= min(old, new capacity)``), the others start at the initial values. All-or-nothing: if
+        the new memory cannot be had, raise and leave the arena as it was. Cached bindings into the old
+        buffers must be dropped. ``NotImplementedError`` (the default) makes the pool copy through the host.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot resize in place")
+
+    def checkpoint(self, slots: Slots) -> Any:
+        """A token that lets :meth:`rollback` undo the next run of each of ``slots`` (see module doc)."""
+        idx = np.arange(slots.start, slots.stop) if isinstance(slots, range) else np.asarray(slots, np.intp)
+        return idx, self.read(idx)
+
+    def rollback(self, token: Any) -> None:
+        """Put the checkpointed slots back to their states at :meth:`checkpoint`; closes the checkpoint."""
+        idx, states = token
+        self.write(idx, states)
+
+    def commit(self, token: Any) -> None:
+        """Close a checkpoint without undoing anything."""
+
 
 class Backend(ABC):
     """One loaded model on one device. Lifecycle: construct (load), ``arena``/``run`` many times, ``close``.
@@ -78,7 +119,8 @@ class Backend(ABC):
         """One engine call: step the streams at ``slots`` with batched data ``feeds`` (already checked).
 
         Returns the data outputs as host arrays (batch axis in ``slots`` order); the states of ``slots``
-        advance in ``arena``; other slots are untouched.
+        advance in ``arena``; other slots are untouched. All-or-nothing: if it raises, the states of
+        ``slots`` are what they were before the call.
         """
 
     def describe(self) -> dict[str, Any]:

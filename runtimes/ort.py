@@ -1,6 +1,7 @@
 """The ONNX Runtime backend (CPU execution provider).
 
-State never round-trips through Python between steps: every state lives in a host arena of two buffers
+State never round-trips through Python between steps: every state lives in a host arena
+(:mod:`.host_arena`, shared with OpenVINO) of two buffers
 (ping and pong) per state, each ``capacity`` streams wide, wrapped once as ``OrtValue`` (zero-copy on
 CPU) and bound with IO binding, so step k writes its state outputs straight into the buffer that step k+1
 reads. A buffer is never bound as input and output of the same run. Which of the two buffers holds a
@@ -15,7 +16,14 @@ Two paths per run:
   cached per (parity, range), so a step only rebinds the data inputs and outputs.
 * *gather*: otherwise the live states of ``slots`` are gathered (``np.take`` / fancy indexing on the
   batch axis) into per-batch-size scratch buffers, the graph runs scratch-in -> scratch-out, and the
-  result is scattered back. Scratch buffers and their bindings are cached per batch size.
+  result is scattered back into the buffer slot 0 uses (so that parities that a subset's view step
+  mixed become one again and the whole pool goes back to the view path), or, while a checkpoint is open
+  (a pool step of several chunk lengths), into each slot's other buffer, so that the old state survives
+  for a rollback. Scratch buffers and their bindings are cached per batch size.
+
+Growth (:meth:`OrtCpuArena.resize`): new buffers of the new capacity; the live rows of the kept slots
+are copied into buffer 0 and every parity reset to 0; the new slots get the initial values in buffer 0
+only (buffer 1 of a slot is written by a run before it is ever read, and untouched pages cost no memory).
 
 The file is called ``ort.py`` (not ``onnxruntime.py``) so that it can never shadow the ``onnxruntime``
 package when this directory lands on ``sys.path``. The CUDA-provider variant (:mod:`.ort_cuda`) subclasses
@@ -26,7 +34,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -34,6 +42,7 @@ from wmdeploy.contract import StreamingSpec, spec_from_metadata
 from wmdeploy.errors import BackendError, ModelFileError
 
 from .base import Backend, Slots, StateArena
+from .host_arena import HostArena
 
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
@@ -48,77 +57,31 @@ def _import_ort() -> Any:
     return onnxruntime
 
 
-def _batch_index(ndim: int, axis: int, index: Any) -> tuple[Any, ...]:
-    return (slice(None),) * axis + (index,) + (slice(None),) * (ndim - axis - 1)
-
-
 def read_spec_from(session: Any, path: Path) -> StreamingSpec:
     return spec_from_metadata(session.get_modelmeta().custom_metadata_map, str(path))
 
 
-class OrtCpuArena(StateArena):
-    """Two host buffers per state, ``capacity`` streams wide, plus a per-slot parity (which one is live)."""
+class OrtCpuArena(HostArena):
+    """The host arena (:mod:`.host_arena`) plus its ONNX Runtime IO bindings, cached by what they bind."""
 
     def __init__(self, backend: "OrtBackend", capacity: int) -> None:
         self.backend = backend
-        self.capacity = capacity
-        spec = backend.spec
-        self.states = spec.states
-        # both[s] has shape (2, *state shape at batch=capacity); both[s][p] is buffer p.
-        self.both = [np.empty((2, *s.shape_for(capacity)), dtype=s.np_dtype) for s in spec.states]
-        for arr, s in zip(self.both, spec.states):
-            arr.fill(s.init)
-        self.parity = np.zeros(capacity, dtype=np.intp)
-        self._bindings: OrderedDict[Any, Any] = OrderedDict()  # key -> (IOBinding, scratch or None)
+        self._bindings: OrderedDict[Any, Any] = OrderedDict()  # key -> (IOBinding, scratch or None, kept alive)
+        super().__init__(backend.spec, capacity)
 
-    # ---- host access ------------------------------------------------------------------------------
-    def _slots(self, slots: Slots) -> np.ndarray:
-        return np.arange(slots.start, slots.stop, dtype=np.intp) if isinstance(slots, range) else np.asarray(slots, dtype=np.intp)
-
-    def _gather(self, i: int, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        s, both = self.states[i], self.both[i]
-        ax = s.batch_axis
-        par = self.parity[idx]
-        if out is None:
-            out = np.empty(s.shape_for(len(idx)), dtype=s.np_dtype)
-        if len(idx) and (par == par[0]).all():
-            np.take(both[par[0]], idx, axis=ax, out=out)  # the common case: one copy, no temporaries
-        else:
-            np.moveaxis(out, ax, 0)[...] = np.moveaxis(both, ax + 1, 1)[par, idx]
-        return out
-
-    def _scatter(self, i: int, idx: np.ndarray, values: np.ndarray) -> None:
-        ax = self.states[i].batch_axis
-        np.moveaxis(self.both[i], ax + 1, 1)[self.parity[idx], idx] = np.moveaxis(values, ax, 0)
-
-    def read(self, slots: Slots) -> dict[str, np.ndarray]:
-        idx = self._slots(slots)
-        return {s.name: self._gather(i, idx) for i, s in enumerate(self.states)}
-
-    def write(self, slots: Slots, states: Mapping[str, np.ndarray]) -> None:
-        idx = self._slots(slots)
-        # A full overwrite may pick either buffer: align with slot 0 so packed pools stay on the view path.
-        self.parity[idx] = self.parity[0]
-        for i, s in enumerate(self.states):
-            self._scatter(i, idx, np.asarray(states[s.name], dtype=s.np_dtype))
-
-    def reset(self, slots: Slots) -> None:
-        idx = self._slots(slots)
-        self.parity[idx] = self.parity[0]
-        for i, s in enumerate(self.states):
-            np.moveaxis(self.both[i], s.batch_axis + 1, 1)[self.parity[idx], idx] = s.init
-
-    def move(self, src: int, dst: int) -> None:
-        if src != dst:
-            self.write([dst], self.read([src]))
+    def resize(self, capacity: int, keep: int) -> None:
+        super().resize(capacity, keep)
+        self._bindings.clear()  # they point into the old buffers (and keep them alive)
 
     # ---- bindings -----------------------------------------------------------------------------------
-    def binding(self, key: Any, state_in: list[np.ndarray], state_out: list[np.ndarray], scratch: Any = None) -> Any:
-        """The cached IO binding for ``key``, creating it with constants and states bound once."""
+    def binding(self, key: Any, buffers: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]]) -> Any:
+        """The cached IO binding for ``key``; on a miss, ``buffers()`` gives the state arrays to bind (read,
+        written) and the binding is made with them and the constants bound once."""
         hit = self._bindings.get(key)
         if hit is not None:
             self._bindings.move_to_end(key)
-            return hit
+            return hit[0]
+        state_in, state_out = buffers()
         b = self.backend
         io = b.session.io_binding()
         # Outputs are bound first in graph order so that get_outputs()[i] is data output i (rebinding a
@@ -133,11 +96,10 @@ class OrtCpuArena(StateArena):
             keep += [vin, vout, arr_in, arr_out]
         for name, value in b.constant_values.items():
             io.bind_ortvalue_input(name, value)
-        entry = (io, scratch, keep)
-        self._bindings[key] = entry
+        self._bindings[key] = (io, keep)
         if len(self._bindings) > _MAX_CACHED:
             self._bindings.popitem(last=False)
-        return entry
+        return io
 
 
 class OrtBackend(Backend):
@@ -213,7 +175,15 @@ class OrtBackend(Backend):
 
     def run(self, arena: StateArena, slots: Slots, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert isinstance(arena, OrtCpuArena)
-        io, scratch, idx = self._bind_states(arena, slots)
+        plan = arena.plan(slots)
+        if plan.view is not None:  # read buffer p of these slots in place, write their other buffer
+            p, lo, hi = plan.view
+            io = arena.binding(("view", p, lo, hi), lambda: (arena.views_of(p, lo, hi), arena.views_of(1 - p, lo, hi)))
+        else:  # the live rows gathered into scratch, bound by the arrays' identity: the binding keeps them
+            assert plan.scratch is not None  # alive, so no other array can take their id while it is cached
+            ins, outs = plan.scratch
+            io = arena.binding(("gather", len(plan.idx), *map(id, ins), *map(id, outs)), lambda: (ins, outs))
+            arena.gather_into(plan)
         for name, arr in feeds.items():
             io.bind_cpu_input(name, arr)
         for name in self.output_names[: self.n_data_out]:
@@ -222,46 +192,10 @@ class OrtBackend(Backend):
             self.session.run_with_iobinding(io)
         except Exception as exc:
             raise BackendError(f"onnxruntime run failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-        if scratch is None:  # view path: the outputs landed in the other buffer of these slots
-            arena.parity[slots.start:slots.stop] ^= 1
-        else:
-            for i in range(len(arena.states)):
-                arena._scatter(i, idx, scratch[1][i])
+        arena.finish(plan)  # only after a successful run: a failed one leaves the state as it was
         values = io.get_outputs()
         # .numpy() on a CPU OrtValue is a view that keeps the ORT buffer alive: no copy needed.
         return {name: values[i].numpy() for i, name in enumerate(self.output_names[: self.n_data_out])}
-
-    def _bind_states(self, arena: OrtCpuArena, slots: Slots) -> tuple[Any, Any, Any]:
-        if isinstance(slots, range) and len(slots) and (slots.step == 1):
-            p = int(arena.parity[slots.start])
-            if (slots.stop - slots.start == 1 or (arena.parity[slots.start:slots.stop] == p).all()):
-                key = ("view", p, slots.start, slots.stop)
-                hit = arena._bindings.get(key)
-                if hit is not None:
-                    arena._bindings.move_to_end(key)
-                    return hit[0], None, None
-                views_in, views_out, ok = [], [], True
-                for s, both in zip(arena.states, arena.both):
-                    ix = _batch_index(both.ndim - 1, s.batch_axis, slice(slots.start, slots.stop))
-                    vin, vout = both[p][ix], both[1 - p][ix]
-                    ok = ok and vin.flags.c_contiguous and vout.flags.c_contiguous
-                    views_in.append(vin)
-                    views_out.append(vout)
-                if ok:
-                    return arena.binding(key, views_in, views_out)[0], None, None
-        idx = arena._slots(slots)
-        key = ("gather", len(idx))
-        entry = arena._bindings.get(key)
-        if entry is None:
-            bufs_in = [np.empty(s.shape_for(len(idx)), s.np_dtype) for s in arena.states]
-            bufs_out = [np.empty_like(b) for b in bufs_in]
-            entry = arena.binding(key, bufs_in, bufs_out, scratch=(bufs_in, bufs_out))
-        else:
-            arena._bindings.move_to_end(key)
-        io, scratch, _ = entry
-        for i in range(len(arena.states)):
-            arena._gather(i, idx, out=scratch[0][i])
-        return io, scratch, idx
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "onnxruntime": self.ort.__version__,

@@ -51,13 +51,37 @@ class OrtDeviceArena(StateArena):
     """Two device buffers per state, ``capacity`` streams wide, plus a per-slot parity (which is live)."""
 
     def __init__(self, backend: "OrtCudaBackend", capacity: int) -> None:
-        self.backend, self.capacity, self.states = backend, capacity, backend.spec.states
-        self.geometry = [block_geometry(s.shape_for(capacity), s.batch_axis, s.np_dtype.itemsize) for s in self.states]
-        self.bufs = [[backend.allocate(s.shape_for(capacity), s.np_dtype) for _ in range(2)] for s in self.states]
-        self.ptrs = [[b.data_ptr() for b in pair] for pair in self.bufs]
-        self.parity = np.zeros(capacity, dtype=np.intp)
+        self.backend, self.states = backend, backend.spec.states
+        # (P, row bytes) of each state: independent of the capacity, so it survives a resize
+        self.geometry = [block_geometry(s.shape_for(1), s.batch_axis, s.np_dtype.itemsize) for s in self.states]
+        self.capacity, self.bufs, self.ptrs = 0, [], []
         self._bindings: OrderedDict[Any, "_Binding"] = OrderedDict()
-        self.reset(range(capacity))
+        self.resize(capacity, 0)
+
+    def resize(self, capacity: int, keep: int) -> None:
+        """New device buffers of ``capacity`` slots; the live rows of slots ``0..keep-1`` are copied on the
+        device into buffer 0 (as :mod:`.ort`'s host arena does), the other slots reset. The old buffers are
+        freed with the bindings that point into them; with CUDA graphs, the graphs captured on those
+        bindings are never replayed again (graph ids are never reused), so they never see freed memory."""
+        if capacity < 1 or not 0 <= keep <= min(capacity, self.capacity or capacity):
+            raise BackendError(f"arena resize to {capacity} slots keeping {keep}: out of range (capacity {self.capacity})")
+        bufs = [[self.backend.allocate(s.shape_for(capacity), s.np_dtype) for _ in range(2)] for s in self.states]
+        if keep:
+            idx = np.arange(keep)
+            for i, (lead, row) in enumerate(self.geometry):
+                for q in (0, 1):
+                    sel = self.parity[:keep] == q
+                    if sel.any():
+                        self.backend.copier.copy(bufs[i][0], capacity, self.bufs[i][q], self.capacity, lead, row,
+                                                 runs(idx[sel], idx[sel]))
+            self.backend.copier.sync()
+        self.bufs, self.capacity = bufs, capacity
+        self.ptrs = [[b.data_ptr() for b in pair] for pair in bufs]
+        self.parity = np.zeros(capacity, dtype=np.intp)
+        self.nbytes = sum(2 * int(np.prod(s.shape_for(capacity))) * s.np_dtype.itemsize for s in self.states)
+        self._bindings.clear()
+        if keep < capacity:
+            self.reset(range(keep, capacity))
 
     @staticmethod
     def _slots(slots: Slots) -> np.ndarray:
@@ -121,6 +145,18 @@ class OrtDeviceArena(StateArena):
                                      runs([dst], [src]))
         self.backend.copier.sync()
         self.parity[dst] = 1 - p
+
+    # ---- undo (base.StateArena.checkpoint): every run writes the other buffer, so a parity restore undoes it
+    def checkpoint(self, slots: Slots) -> Any:
+        idx = self._slots(slots)
+        return idx, self.parity[idx].copy()
+
+    def rollback(self, token: Any) -> None:
+        idx, parity = token
+        self.parity[idx] = parity
+
+    def commit(self, token: Any) -> None:
+        pass
 
     # ---- bindings -----------------------------------------------------------------------------------
     def binding(self, key: Any, make: Any) -> "_Binding":

@@ -157,7 +157,11 @@ class DeviceBuffer:
 
 
 class TrtDeviceArena(OrtDeviceArena):
-    """The CUDA EP's device arena (ping-pong buffers, parity, row-block gather/scatter) on ``cudaMalloc`` memory."""
+    """The CUDA EP's device arena (ping-pong buffers, parity, row-block gather/scatter) on ``cudaMalloc`` memory.
+
+    Growth (``resize``) and undo (``checkpoint``) are inherited: a resize copies the live rows into new
+    ``cudaMalloc`` buffers and frees the old ones (``DeviceBuffer.__del__``) once nothing points at them;
+    every run ends with a stream synchronize, so no engine work still reads them then."""
 
 
 def _gpu_identity(rt: Any, device_id: int) -> tuple[str, tuple[int, int]]:

@@ -44,7 +44,7 @@ class ThreadServer:
         return f"127.0.0.1:{self.port}"
 
     def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kw)
+        return httpx.Client(base_url=self.url, **{"timeout": 30, **kw})
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -159,3 +159,21 @@ def test_read_spec_reports_unreadable_files(tmp_path):
     junk.write_bytes(b"\x00\x01not a model")
     with pytest.raises(ModelFileError, match="junk.onnx"):
         read_spec(junk)
+
+
+def test_index_bound_and_max_batch_round_trip_and_are_checked():
+    """Issue 14: an integer input's inferred table size (index_bound) and a fixed-batch file's meta.max_batch are
+    part of the spec JSON; nonsense values are refused naming the field."""
+    from wmdeploy.contract import StateSpec, StreamingSpec, TensorSpec
+
+    spec = StreamingSpec([TensorSpec("ids", ["batch", "time"], "int64", index_bound=50)],
+                         [TensorSpec("y", ["batch", "time", 3])], [StateSpec("h", ["batch", 4])], meta={"max_batch": 1})
+    back = StreamingSpec.from_json(spec.to_json())
+    assert back == spec and back.inputs[0].index_bound == 50 and back.max_batch == 1
+    assert "index_bound" not in TensorSpec("x", ["batch"], "int64").to_dict()  # absent unless known
+    with pytest.raises(SpecError, match="tensor 'x': index_bound on a float32 tensor"):
+        TensorSpec("x", ["batch"], "float32", index_bound=3)
+    with pytest.raises(SpecError, match="tensor 'x': index_bound 0"):
+        TensorSpec("x", ["batch"], "int64", index_bound=0)
+    with pytest.raises(SpecError, match="meta.max_batch"):
+        StreamingSpec([], [TensorSpec("y", ["batch"])], meta={"max_batch": 0})

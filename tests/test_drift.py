@@ -149,3 +149,24 @@ def test_bad_npz_targets_empty_streams_and_steps_are_one_line_errors(pair: tuple
             load_npz(tmp_path / "ids.npz", lm_spec)
     np.savez(tmp_path / "fine.npz", x=x, targets=np.full((2, 20), -100, np.int64))
     assert load_npz(tmp_path / "fine.npz", lm_spec).length == 20
+
+
+def test_verify_exits_1_when_drift_passes_the_bound_of_the_files_last_transform(pair: tuple[Path, Path],
+                                                                                 tmp_path: Path) -> None:
+    """A file whose lineage says int8-dynamic is held to that mode's bound on its outputs: an output off by
+    1.0 (relative error ~0.5, past the bound's 0.25) fails with exit 1 and names the bound; the same file with
+    no lineage has no bound and passes."""
+    from wmdeploy.contract import read_spec
+    from wmdeploy.transform.lineage import make_record, save_checked
+
+    _, ref = pair
+    cand = _accumulator(tmp_path / "far.onnx", 0.5, 1.0)
+    marked = tmp_path / "cand.int8.onnx"
+    save_checked(onnx.load(str(cand)), marked, read_spec(cand), [],
+                 make_record("quantize", cand, {"mode": "int8-dynamic"}))
+    result = CliRunner().invoke(app, ["verify", str(marked), "--reference", str(ref), "--steps", "40",
+                                      "--data", "random"])
+    assert result.exit_code == 1, result.output
+    assert "drift beyond the int8-dynamic bound" in " ".join(result.output.split())
+    plain = CliRunner().invoke(app, ["verify", str(cand), "--reference", str(ref), "--steps", "40", "--data", "random"])
+    assert plain.exit_code == 0, plain.output

@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import wmdeploy
 from wmdeploy.errors import CapacityError, InputError
+from test_pool_growth import fake, mixed_path  # noqa: F401  (fixtures)
 
 
 def _input(model, rng: np.random.Generator, length: int) -> dict[str, np.ndarray]:
@@ -109,3 +111,137 @@ def test_full_pool_steps_without_gather(rt_gru):
         pool.step({s: {"x": np.ones((1, 1, 3), np.float32)} for s in sids})
     keys = list(pool._arena._bindings)  # white-box: the backend's binding cache
     assert all(k[0] == "view" for k in keys), keys
+
+
+# ---- all-or-nothing (issue 19, item 5) --------------------------------------------------------------------
+
+def test_join_with_bad_snapshot_meta_takes_no_slot(rt_gru):
+    """A re-checksummed snapshot whose meta.steps is not a step count is refused before a slot is taken."""
+    from wmdeploy import snapshot as snap
+    from wmdeploy.errors import SnapshotError
+
+    pool = rt_gru.pool(2)
+    pool.join()
+    states = rt_gru.spec.initial_states(1)
+    for steps in ["many", 1.5, -1, True, [3], None]:
+        blob = snap.dumps(rt_gru.spec, states, {"steps": steps})
+        with pytest.raises(SnapshotError, match="meta.steps"):
+            pool.join(snapshot=blob)
+        with pytest.raises(SnapshotError, match="meta.steps"):
+            rt_gru.stream(snapshot=blob)
+        assert len(pool) == 1
+    with pytest.raises(SnapshotError, match="'meta' is not an object"):
+        pool.join(snapshot=snap.dumps(rt_gru.spec, states, "x"))  # type: ignore[arg-type]
+    assert len(pool) == 1 and len(pool.sids) == 1
+    sid = pool.join(snapshot=snap.dumps(rt_gru.spec, states, {"steps": 4}))  # the last slot is still free
+    assert pool.snapshot(sid) and rt_gru.stream(snapshot=pool.snapshot(sid)).steps == 4
+    with pytest.raises(CapacityError):
+        pool.join()
+
+
+def _fail_on_call(model, n: int) -> list:
+    """Make the ``n``-th engine call from now raise, as a failing engine would (nothing ran)."""
+    from wmdeploy.errors import BackendError
+
+    real, calls = model.backend.run, []
+
+    def run(arena, slots, feeds):
+        calls.append(slots)
+        if len(calls) == n:
+            raise BackendError("injected engine failure")
+        return real(arena, slots, feeds)
+
+    model.backend.run = run
+    return calls
+
+
+def _groups_step(pool, model, sids, rng, bad: bool = False):
+    """Three chunk lengths (three engine calls, in this order): sids[0:2] len 1, sids[2:4] len 2, sids[4:] len 3."""
+    from test_pool_growth import feeds
+
+    reqs = {s: feeds(model.spec, rng, 1 + min(i // 2, 2)) for i, s in enumerate(sids)}
+    if bad:
+        reqs[sids[-1]]["tokens"][0, -1] = 99  # outside the embedding: ONNX Runtime's Gather fails
+    return reqs
+
+
+@pytest.mark.parametrize("kind", ["cpu", "device", "device-graph", "generic", "fake-trt"])
+@pytest.mark.parametrize("which", ["rt_gru_path", "mixed_path", "rt_lstm_path"])
+@pytest.mark.parametrize("fail_at", [2, 3])
+def test_a_failed_later_group_leaves_every_stream_as_it_was(request, kind, which, fail_at, tmp_path):
+    """A step of three chunk lengths whose 2nd or 3rd engine call fails: no stream moved, no step counted,
+    and the next good step equals streams run alone. On every arena kind; the GRU's first group is bound
+    as a view (flips parity), the others are gathered."""
+    from test_pool_growth import _PlainBackend, make_model
+    from wmdeploy.streaming import Model
+
+    if kind == "fake-trt":
+        request.getfixturevalue("fake")
+    path = request.getfixturevalue(which)
+    model = Model(_PlainBackend(path, None)) if kind == "generic" else make_model(kind, path, tmp_path)
+    ref = wmdeploy.load(path)
+    rng = np.random.default_rng(fail_at)
+    pool = model.pool()
+    sids = [pool.join() for _ in range(6)]
+    alone = {s: ref.stream() for s in sids}
+    for _ in range(2):  # some history, with mixed parities
+        reqs = _groups_step(pool, model, sids[1:], rng)
+        pool.step(reqs)
+        for s, r in reqs.items():
+            alone[s].step(**r)
+    before = {s: pool.snapshot(s) for s in sids}
+    calls = _fail_on_call(model, fail_at)
+    with pytest.raises(Exception, match="injected engine failure"):
+        pool.step(_groups_step(pool, model, sids, rng))
+    assert len(calls) == fail_at
+    assert {s: pool.snapshot(s) for s in sids} == before  # bytes: states and step counts
+    reqs = _groups_step(pool, model, sids, rng)
+    got = pool.step(reqs)
+    assert len(calls) == fail_at + 3
+    for s, r in reqs.items():
+        for name, arr in alone[s].step(**r).items():
+            np.testing.assert_allclose(got[s][name], arr, atol=1e-5, rtol=1e-5)
+        for name, arr in alone[s].state.items():
+            np.testing.assert_allclose(pool.state(s)[name], arr, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "device"])
+def test_a_real_engine_failure_in_the_second_group_rolls_back_the_first(rt_lstm_path, kind, tmp_path):
+    """No injection: a token id past the embedding (the LSTM's spec has no vocabulary to check it
+    against) makes ONNX Runtime's Gather fail in the last engine call of the step."""
+    from test_pool_growth import make_model
+
+    model = make_model(kind, rt_lstm_path, tmp_path)
+    rng = np.random.default_rng(11)
+    pool = model.pool(8)
+    sids = [pool.join() for _ in range(5)]
+    pool.step(_groups_step(pool, model, sids, rng))
+    before = {s: pool.snapshot(s) for s in sids}
+    from wmdeploy.errors import BackendError
+
+    with pytest.raises(BackendError, match="run failed"):  # the engine's, not a refused input
+        pool.step(_groups_step(pool, model, sids, rng, bad=True))
+    assert {s: pool.snapshot(s) for s in sids} == before
+
+
+def test_mixed_parities_heal_back_to_the_view_path(rt_lstm):
+    """The LSTM's [2, batch, 8] state is bound as a view only when every slot steps with one parity: after
+    steps of single streams (views, parity flips) and of several lengths (checkpointed: the other buffer),
+    one gathered full step brings every slot back to slot 0's buffer and the next full step is a view."""
+    rng = np.random.default_rng(2)
+    pool = rt_lstm.pool(4)
+    sids = [pool.join() for _ in range(4)]
+    twins = {s: rt_lstm.stream() for s in sids}
+
+    def step(reqs):
+        got = pool.step(reqs)
+        for s, r in reqs.items():
+            np.testing.assert_allclose(got[s]["logits"], twins[s].step(**r)["logits"], atol=1e-5)
+
+    step({sids[1]: _input(rt_lstm, rng, 2)})
+    step({sids[0]: _input(rt_lstm, rng, 1), sids[2]: _input(rt_lstm, rng, 3), sids[3]: _input(rt_lstm, rng, 3)})
+    full = lambda: {s: _input(rt_lstm, rng, 1) for s in sids}  # noqa: E731
+    step(full())
+    pool._arena._bindings.clear()  # white-box: which bindings the next step makes
+    step(full())
+    assert [k[0] for k in pool._arena._bindings] == ["view"]

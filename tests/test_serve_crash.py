@@ -13,10 +13,8 @@ import pytest
 
 from _serve_server import ProcessServer
 
-tc = pytest.importorskip("tritonclient.http")
-
-
 def _v2_step(url: str, seq: object, tokens: np.ndarray, start: bool = False) -> np.ndarray:
+    tc = pytest.importorskip("tritonclient.http")  # this test alone: the others in this file run without it
     client = tc.InferenceServerClient(url.removeprefix("http://"))
     inp = tc.InferInput("tokens", list(tokens.shape), "INT64")
     inp.set_data_from_numpy(tokens)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,8 +71,11 @@ def test_generation_odd_options_are_answered_and_a_closed_socket_stops_generatin
         for text in ('{"prompt": "a", "max_tokens": 1e400}', '{"prompt": "a", "seed": -1}', "[" * 100_000):
             ws.send(text)  # each is answered with one error line, never left waiting
             assert "error" in json.loads(ws.recv(timeout=30)), text
+        ws.send(json.dumps({"prompt": "a", "max_tokens": 10 ** 7}))  # beyond --max-generate-tokens (4096)
+        assert json.loads(ws.recv(timeout=30)) == {
+            "error": "message field 'max_tokens': 10000000, the limit is 4096 (--max-generate-tokens)"}
     with websockets_sync.connect(url) as ws:
-        ws.send(json.dumps({"prompt": "a", "max_tokens": 10 ** 7}))
+        ws.send(json.dumps({"prompt": "a", "max_tokens": 4096}))
         for _ in range(3):
             assert "text" in json.loads(ws.recv(timeout=30))
     import time  # noqa: PLC0415
@@ -85,3 +90,89 @@ def test_generation_odd_options_are_answered_and_a_closed_socket_stops_generatin
             assert time.monotonic() < deadline, "generation went on after its WebSocket closed"
             last = steps
         assert steps < 1000
+
+
+class _Recorder:
+    """A local stream that keeps its state after every step: the prefixes a served session may hold."""
+
+    batch = 1
+
+    def __init__(self, model) -> None:
+        self.inner, self.model, self.spec = model.stream(), model, model.spec
+        self.states = [{k: np.array(v) for k, v in self.inner.state.items()}]
+
+    def step(self, **inputs):
+        out = self.inner.step(**inputs)
+        self.states.append({k: np.array(v) for k, v in self.inner.state.items()})
+        return out
+
+
+def _settled_steps(c, sid: str) -> int:
+    deadline, last = time.monotonic() + 30, -1
+    while True:
+        steps = c.get(f"/v1/sessions/{sid}").json()["steps"]
+        if steps == last:
+            return steps
+        assert time.monotonic() < deadline, f"{sid}: generation went on after its WebSocket closed"
+        last = steps
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("read", [0, 2, 15])
+def test_generation_closed_midway_leaves_a_prefix_of_prompt_and_tokens(lm_server, read):
+    """The socket is dropped (no close frame) while the prompt is prefilled or tokens are sampled: the memory
+    holds the steps up to some point of the same generation run locally, never more than it ran."""
+    from wmdeploy import snapshot as snap  # noqa: PLC0415
+
+    srv, model = lm_server
+    sid, prompt = f"gp{read}", "The river ran past the mill, " * 12
+    with srv.client() as c:
+        assert c.post("/v1/sessions", json={"id": sid}).status_code == 201
+    with websockets_sync.connect(srv.url.replace("http", "ws") + f"/v1/sessions/{sid}/generate") as ws:
+        ws.send(json.dumps({"prompt": prompt, "max_tokens": 400, "seed": read}))
+        for _ in range(read):
+            assert "text" in json.loads(ws.recv(timeout=30))
+        ws.close_socket()
+    local = _Recorder(model)
+    for _ in wmdeploy.generate(local, prompt, max_tokens=400, seed=read):
+        pass
+    with srv.client() as c:
+        steps = _settled_steps(c, sid)
+        blob = c.get(f"/v1/sessions/{sid}/snapshot").content
+    assert steps < len(local.states) - 1 or read == 0  # it stopped early (a read of 0 may end in the prefill)
+    held = snap.loads(model.spec, blob)
+    for name, want in local.states[steps].items():
+        np.testing.assert_allclose(held[name], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_client_that_does_not_read_stalls_its_generation(lm_server):
+    """Backpressure: the worker runs at most a few messages ahead of the socket, so a silent client costs
+    bounded memory and no engine time; reading again resumes the generation."""
+    import socket  # noqa: PLC0415
+
+    _, model = lm_server
+    srv = ThreadServer(ServeConfig(model.path, name="lm", max_generate_tokens=10 ** 6), model)
+    try:
+        with srv.client() as c:
+            assert c.post("/v1/sessions", json={"id": "silent"}).status_code == 201
+        # small kernel buffers on both ends (an accepted socket inherits the listener's), as over a real
+        # network: on loopback they autotune to megabytes, which would hold ~10^5 token messages
+        srv.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        with websockets_sync.connect(srv.url.replace("http", "ws") + "/v1/sessions/silent/generate", sock=sock,
+                                     max_queue=4) as ws:
+            ws.send(json.dumps({"prompt": "a", "max_tokens": 10 ** 6}))
+            with srv.client() as c:
+                stalled = _settled_steps(c, "silent")
+                assert stalled < 20_000  # bounded by the socket's buffers + the worker's outbox, not by max_tokens
+                for _ in range(40):  # reading drains the buffers, and then the worker goes on
+                    for _ in range(1000):
+                        assert "text" in json.loads(ws.recv(timeout=30))
+                    if c.get("/v1/sessions/silent").json()["steps"] > stalled:
+                        break
+                assert c.get("/v1/sessions/silent").json()["steps"] > stalled  # reading resumed it
+    finally:
+        srv.stop()

@@ -181,6 +181,7 @@ def test_an_engine_failure_fails_only_its_own_step(server, rt_lstm):
     with server.client(headers=ALICE) as c:
         for i in range(n):
             c.post("/v1/sessions", json={"id": f"iso{i}"})
+        retries = _metric(c.get("/metrics").text, 'wmdeploy_errors_total{kind="engine_retry"}')
     answers: dict[int, httpx.Response] = {}
     barrier = threading.Barrier(n)
 
@@ -198,6 +199,8 @@ def test_an_engine_failure_fails_only_its_own_step(server, rt_lstm):
     for i in set(range(n)) - {2}:
         want = rt_lstm.stream().step(tokens=np.array([[i]]))["logits"]
         np.testing.assert_array_equal(np.asarray(answers[i].json()["outputs"]["logits"], np.float32), want)
+    with server.client(headers=ALICE) as c:  # the member-by-member retry ran (not six lone steps by chance)
+        assert _metric(c.get("/metrics").text, 'wmdeploy_errors_total{kind="engine_retry"}') > retries
 
 
 def test_nan_and_inf_are_refused_naming_the_tensor(rt_gru_path, rt_gru):
@@ -219,5 +222,63 @@ def test_nan_and_inf_are_refused_naming_the_tensor(rt_gru_path, rt_gru):
             assert c.get("/v1/sessions/g").json()["steps"] == 0  # nothing reached the memory
             r = c.post("/v1/sessions/g/step", json={"inputs": {"x": [[[0.5, 1, 2]]]}})
             assert r.status_code == 200
+    finally:
+        srv.stop()
+
+
+# ---- token ids for a model that declares no vocabulary (issue 14) ----------------------------------
+
+def test_an_id_the_engine_refuses_on_its_first_call_is_a_400_naming_the_input(rt_lstm_path):
+    """No vocabulary and no bound in this spec (written by hand): an id past the embedding reaches the engine.
+    The very first engine call of the server fails on it: that was a 500 (nothing had succeeded yet to show the
+    engine works); the engine's message blames the indices, so it is the client's 400, naming the input."""
+    import wmdeploy
+
+    srv = ThreadServer(ServeConfig(rt_lstm_path, name="lm"), wmdeploy.load(rt_lstm_path))
+    try:
+        with srv.client() as c:
+            assert c.post("/v1/sessions", json={"id": "fresh"}).status_code == 201
+            for bad in (10 ** 9, 16):
+                r = c.post("/v1/sessions/fresh/step", json={"inputs": {"tokens": [[1, bad]]}})
+                assert r.status_code == 400, r.text
+                assert "input 'tokens'" in r.json()["error"] and "\n" not in r.json()["error"]
+            r = c.post(INFER, json=_v2([10 ** 9], sequence_id="v2-fresh", sequence_start=True))
+            assert r.status_code == 400 and "input 'tokens'" in r.json()["error"], r.text
+            assert c.get("/v1/sessions/fresh").json()["steps"] == 0  # nothing reached the memory
+            assert c.post("/v1/sessions/fresh/step", json={"inputs": {"tokens": [[1]]}}).status_code == 200
+            text = c.get("/metrics").text
+        assert 'code="500"' not in text and 'kind="engine"' not in text
+    finally:
+        srv.stop()
+
+
+def test_negative_and_out_of_range_ids_of_an_adopted_model_without_vocabulary(rt_lstm_path, rt_lstm, tmp_path):
+    """The same LM adopted with `annotate` (its spec gains the embedding's 16 rows as the bound of 'tokens', still no
+    vocab_size): -1 (which ONNX Gather silently wraps to the last row) and ids past the table are 400s naming the
+    input, on both APIs, and the sessions are unchanged."""
+    import wmdeploy
+    from wmdeploy.annotation import annotate
+
+    adopted = annotate(rt_lstm_path, tmp_path / "lm.wm.onnx", states=["h=h_out@1", "c=c_out@1"])
+    assert "vocab_size" not in adopted.meta and adopted.inputs[0].index_bound == 16
+    srv = ThreadServer(ServeConfig(tmp_path / "lm.wm.onnx", name="lm"), wmdeploy.load(tmp_path / "lm.wm.onnx"))
+    try:
+        with srv.client() as c:
+            assert c.post("/v1/sessions", json={"id": "s"}).status_code == 201
+            assert c.post("/v1/sessions/s/step", json={"inputs": {"tokens": [[1, 2]]}}).status_code == 200
+            assert c.post(INFER, json=_v2([1, 2], sequence_id="q", sequence_start=True)).status_code == 200
+            before = c.get("/v1/sessions/s/snapshot").content
+            for bad in (-1, -(2 ** 63), 16, 10 ** 9):
+                r = c.post("/v1/sessions/s/step", json={"inputs": {"tokens": [[3, bad]]}})
+                assert r.status_code == 400 and f"input 'tokens': token id {bad} is outside" in r.json()["error"], r.text
+                r = c.post(INFER, json=_v2([bad], sequence_id="q"))
+                assert r.status_code == 400 and "'tokens'" in r.json()["error"], r.text
+            assert c.get("/v1/sessions/s/snapshot").content == before
+            r = c.post("/v1/sessions/s/step", json={"inputs": {"tokens": [[3]]}})
+            local = rt_lstm.stream()
+            local.step(tokens=np.array([[1, 2]]))
+            np.testing.assert_array_equal(np.asarray(r.json()["outputs"]["logits"], np.float32),
+                                          local.step(tokens=np.array([[3]]))["logits"])
+            assert 'code="500"' not in c.get("/metrics").text
     finally:
         srv.stop()

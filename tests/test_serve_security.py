@@ -14,7 +14,7 @@ from wmdeploy.serve import ServeConfig
 from wmdeploy.serve.validate import DEFAULT_MAX_CHUNK, Overloaded, resolve_max_chunk
 
 websockets_sync = pytest.importorskip("websockets.sync.client")
-tc = pytest.importorskip("tritonclient.http")
+websockets_exc = pytest.importorskip("websockets.exceptions")
 A, B = {"Authorization": "Bearer key-a"}, {"X-API-Key": "key-b"}
 
 
@@ -61,6 +61,14 @@ def test_a_session_is_invisible_to_other_keys_on_every_route(server, rt_lstm):
             else:
                 ws.send(json.dumps({"inputs": {"tokens": [[1]]}}))
                 assert json.loads(ws.recv(timeout=10))["steps"] == 2  # B's session (one step before), not A's
+
+
+def test_tritonclient_with_another_key_sees_no_sequence(server):
+    tc = pytest.importorskip("tritonclient.http")  # only this test needs the client: the others run without it
+    v2 = {"inputs": [{"name": "tokens", "shape": [1, 1], "datatype": "INT64", "data": [4]}]}
+    with server.client(headers=A) as a:
+        assert a.post("/v2/models/lm/infer", json={**v2, "parameters": {"sequence_id": 77, "sequence_start": True}}
+                      ).status_code == 200
     client = tc.InferenceServerClient(server.hostport)
     inp = tc.InferInput("tokens", [1, 1], "INT64")
     inp.set_data_from_numpy(np.array([[4]], np.int64))
@@ -96,12 +104,14 @@ def test_limits_and_defaults(server, rt_lstm_path, rt_lstm):
         assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]
     with websockets_sync.connect(server.url.replace("http", "ws") + "/v1/sessions/big/stream", additional_headers=A) as ws:
         ws.send(json.dumps({"inputs": {"tokens": [[1] * 40000]}}))  # a WebSocket message over the limit: closed
-        with pytest.raises(Exception):
+        with pytest.raises(websockets_exc.ConnectionClosed) as closed:  # not a timeout: the close itself
             ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # "message too big"
 
 
 def test_the_engine_queue_is_bounded(rt_lstm):
-    from wmdeploy.serve.batcher import Batcher, StepJob
+    from wmdeploy.serve.batcher import Batcher
+    from wmdeploy.serve.jobs import StepJob
     from wmdeploy.serve.metrics import Metrics
     from wmdeploy.serve.sessions import SessionTable
 
@@ -122,6 +132,10 @@ def test_the_engine_queue_is_bounded(rt_lstm):
     ("max_batch", 0, "--max-batch: 0"),
     ("max_sessions", 0, "--max-sessions: 0"),
     ("max_chunk", 0, "--max-chunk: 0"),
+    ("persist_ttl", float("nan"), "--persist-ttl: nan"),
+    ("request_timeout", 0.0, "--request-timeout: 0.0"),
+    ("request_timeout", float("inf"), "--request-timeout: inf"),
+    ("max_generate_tokens", 0, "--max-generate-tokens: 0"),
 ])
 def test_numbers_that_would_break_the_engine_are_refused_up_front(field, value, message):
     from wmdeploy.errors import InputError

@@ -15,6 +15,7 @@ from _serve_server import ThreadServer
 from wmdeploy.serve import ServeConfig
 
 websockets_sync = pytest.importorskip("websockets.sync.client")
+websockets_exc = pytest.importorskip("websockets.exceptions")
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +175,11 @@ def test_api_key_and_request_limits(rt_lstm_path, rt_lstm):
             r = c.post("/v1/sessions/x/step", headers={"X-API-Key": "k1"},
                        json={"inputs": {"tokens": [[1] * 3000]}})
             assert r.status_code == 413 and "limit" in r.json()["error"]
-        with pytest.raises(Exception):
+        # no key: the handshake is refused (the server closes before accepting: HTTP 403), never a timeout
+        with pytest.raises(websockets_exc.InvalidStatus) as refused:
             with websockets_sync.connect(srv.url.replace("http", "ws") + "/v1/sessions/x/stream") as ws:
                 ws.recv(timeout=5)
+        assert refused.value.response.status_code == 403
     finally:
         srv.stop()
 
@@ -266,5 +269,53 @@ def test_snapshot_with_bad_meta_is_400_and_takes_no_slot(rt_lstm_path, rt_lstm):
             assert c.post("/v1/sessions", json={"id": "k1"}).status_code == 201
             assert c.post("/v1/sessions?id=k2", content=_with_meta(blob, {"steps": 5}),
                           headers={"content-type": "application/octet-stream"}).json()["steps"] == 5
+    finally:
+        srv.stop()
+
+
+def test_base64_outputs_are_the_exact_little_endian_bytes(server, rt_lstm):
+    tokens = np.array([[3, 1, 4]])
+    want = rt_lstm.stream().step(tokens=tokens)["logits"]
+    with server.client() as c:
+        assert c.post("/v1/sessions", json={"id": "b64"}).status_code == 201
+        r = c.post("/v1/sessions/b64/step", json={"inputs": {"tokens": tokens.tolist()}, "encoding": "base64"})
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"]["logits"]
+    assert out["datatype"] == "FP32" and out["shape"] == list(want.shape)
+    got = np.frombuffer(base64.b64decode(out["base64"]), "<f4").reshape(out["shape"])
+    np.testing.assert_array_equal(got, want)
+    ws_url = server.url.replace("http", "ws") + "/v1/sessions/b64/stream"
+    with websockets_sync.connect(ws_url) as ws:  # the WebSocket takes the same option per message
+        ws.send(json.dumps({"inputs": {"tokens": tokens.tolist()}, "encoding": "base64"}))
+        answer = json.loads(ws.recv(timeout=30))
+    assert answer["steps"] == 2 and answer["outputs"]["logits"]["datatype"] == "FP32"
+
+
+def test_at_capacity_the_idle_session_past_its_ttl_is_evicted_and_restored(rt_lstm_path, rt_lstm, tmp_path):
+    """--max-sessions 2 and a TTL far longer than the sweep would need: a third session takes the slot of the
+    least-recently-used one idle past its TTL (an eviction for capacity), which comes back from --persist."""
+    srv = ThreadServer(ServeConfig(rt_lstm_path, name="lm", max_sessions=2, session_ttl=0.3,
+                                   persist=tmp_path / "state"), rt_lstm)
+    tokens = np.array([[2, 7]])
+    try:
+        with srv.client() as c:
+            table = srv.app.state.table
+            table.sweep = lambda: 0  # no TTL sweep: the slot must come from _make_room at capacity
+            for sid in ("old", "new"):
+                assert c.post("/v1/sessions", json={"id": sid}).status_code == 201
+            assert _step(c, "old", tokens).status_code == 200
+            time.sleep(0.4)  # both idle past the TTL; "new" was used last
+            assert _step(c, "new", tokens).status_code == 200
+            assert c.post("/v1/sessions", json={"id": "third"}).status_code == 201
+            assert c.get("/v1/sessions/old").json()["resident"] is False  # the LRU one past its TTL left
+            text = c.get("/metrics").text
+            assert _metric(text, 'wmdeploy_evictions_total{reason="capacity"}') == 1
+            time.sleep(0.4)
+            local = rt_lstm.stream()
+            local.step(tokens=tokens)
+            r = _step(c, "old", tokens)  # restored (evicting another idle one), exactly where it was
+            assert r.status_code == 200 and r.json()["steps"] == 2
+            np.testing.assert_array_equal(np.asarray(r.json()["outputs"]["logits"], np.float32),
+                                          local.step(tokens=tokens)["logits"])
     finally:
         srv.stop()

@@ -76,23 +76,62 @@ def check_inputs(spec: StreamingSpec, inputs: Mapping[str, Any], batch: int | No
                 raise InputError(f"{where}input '{t.name}': axis {axis} ('{dim}') has size {size}, expected {seen} "
                                  f"({what})")
         out[t.name] = np.ascontiguousarray(arr)
+    _check_max_batch(spec, sizes, where)
     _check_token_ids(spec, out, where)
     return out, sizes
 
 
-def _check_token_ids(spec: StreamingSpec, feeds: Mapping[str, np.ndarray], where: str) -> None:
-    """Token ids of a language model (``meta.tokens_input``) must lie in ``[0, meta.vocab_size)``: ONNX's
-    Gather wraps a negative id silently (-1 reads the last row), and a too-large one fails inside the
-    engine, after other streams of a pool step may already have moved."""
+def _bounds(spec: StreamingSpec) -> list[tuple[str, int, str]]:
+    """(input, bound, what) for every integer input with a known range: a per-input ``index_bound`` (inferred
+    from the embedding table by export/annotate) and a language model's ``meta.vocab_size``."""
+    out = [(t.name, t.index_bound, "the rows of the table it indexes") for t in spec.inputs if t.index_bound]
     name, vocab = spec.meta.get("tokens_input"), spec.meta.get("vocab_size")
-    if not name or not isinstance(vocab, int) or vocab <= 0 or name not in feeds:
-        return
-    arr = feeds[name]
-    if arr.size <= 64:  # a decode step's few tokens: plain Python beats two numpy reductions (~1 vs ~5 us)
-        values = arr.ravel().tolist()
-        low, high = (min(values), max(values)) if values else (0, 0)
-    else:
-        low, high = int(arr.min()), int(arr.max())
-    if low < 0 or high >= vocab:
-        bad = low if low < 0 else high
-        raise InputError(f"{where}input '{name}': token id {bad} is outside the vocabulary [0, {vocab})")
+    if name and isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        out.append((name, vocab, "the vocabulary"))
+    return out
+
+
+def _check_token_ids(spec: StreamingSpec, feeds: Mapping[str, np.ndarray], where: str) -> None:
+    """Token ids (or any index input) must lie in ``[0, bound)``: ONNX's Gather wraps a negative id silently
+    (-1 reads the last row: a wrong answer, no error), and a too-large one fails inside the engine, after
+    other streams of a pool step may already have moved."""
+    for name, bound, what in _bounds(spec):
+        arr = feeds.get(name)
+        if arr is None or arr.size == 0:
+            continue
+        if arr.size <= 64:  # a decode step's few tokens: plain Python beats two numpy reductions (~1 vs ~5 us)
+            values = arr.ravel().tolist()
+            low, high = min(values), max(values)
+        else:
+            low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high >= bound:
+            bad = low if low < 0 else high
+            raise InputError(f"{where}input '{name}': token id {bad} is outside {what} [0, {bound})")
+
+
+def _check_max_batch(spec: StreamingSpec, sizes: Mapping[str, int], where: str) -> None:
+    cap = spec.max_batch
+    if cap is not None and sizes.get(BATCH, 1) > cap:
+        raise InputError(f"{where}batch {sizes[BATCH]}: this model's graph fixes its batch at {cap} "
+                         f"(meta.max_batch); step at most {cap} sequence(s) per call, or use a StreamPool")
+
+
+#: words in an engine's error that put the fault on an input's values or shape (ONNX Runtime's
+#: INVALID_ARGUMENT status; its Gather says "indices element out of data bounds", a shape check
+#: "Got invalid dimensions for input: x")
+_INPUT_FAULTS = ("INVALID_ARGUMENT", "out of data bounds", "out of bounds", "invalid dimensions")
+
+
+def engine_blame(spec: StreamingSpec, exc: BaseException) -> str | None:
+    """The data input(s) an engine failure points at (``"input 'tokens'"``), or None when its message does
+    not say an input was at fault. For a server: such a failure is the client's (400), never a 500, even
+    when it is the first engine call it ever made. An id past an embedding table that no ``index_bound``
+    caught names the integer inputs, the only ones that can index."""
+    text = str(exc)
+    if not any(word in text for word in _INPUT_FAULTS):
+        return None
+    named = [t.name for t in spec.inputs if f"'{t.name}'" in text or f"input: {t.name} " in text]
+    if not named and "bounds" in text:
+        named = [t.name for t in spec.inputs if t.np_dtype.kind in "iu"]
+    named = named or [t.name for t in spec.inputs]
+    return ", ".join(f"input '{n}'" for n in named) or "its inputs"

@@ -4,11 +4,23 @@ Everything else is read from the graph: state dtypes and shapes (the non-batch d
 the other graph inputs become data inputs and the other outputs data outputs. The batch axis of a data
 tensor is found by this rule, in order:
 
-1. an explicit ``batch_axes={name: axis}`` entry;
+1. an explicit ``batch_axes={name: axis}`` entry (``--batch-axis NAME=AXIS`` on the command line);
 2. the one axis whose symbolic name (``dim_param``) equals the symbolic name of the states' batch axes;
-3. the only symbolic axis of the tensor;
-otherwise the batch axis is ambiguous and ``annotate`` refuses, naming the tensor and its symbolic axes.
-Other symbolic axes keep their graph name (so inputs sharing ``T`` must agree on it at run time).
+3. in a fixed-batch file (below): axis 0 when the graph fixes it at 1 (the batch-first ``[1, T, 16]``);
+4. the only dynamic axis of the tensor (named or not: ``[?, 16]`` needs no flag);
+otherwise the batch axis is ambiguous and ``annotate`` refuses, naming the tensor, its dynamic axes and
+the flag. Other symbolic axes keep their graph name (so inputs sharing ``T`` must agree on it at run
+time); unnamed ones (``?``) are named ``<tensor>_dim<axis>``.
+
+**Fixed batch.** Many exported files fix the batch at 1 (``state: [1, 1, 128]``). Their graphs often
+bake that 1 into reshapes, so feeding a bigger batch is not an option. A state or data tensor whose batch
+axis the graph fixes at 1 is adopted as is (the graph keeps its 1): the spec still marks the axis
+``batch`` and records ``meta.max_batch = 1``, so a ``Stream`` of batch 1 works, a bigger one is refused
+with a one-line error, and a ``StreamPool`` (hence ``serve``) steps its streams one engine call each.
+
+**Token bounds.** An integer data input that indexes a constant embedding table gets the table's row
+count as its ``index_bound`` (:mod:`.index_bounds`), so ids outside ``[0, N)`` are refused before they
+reach the graph.
 
 The output file also gets its graph inputs and outputs reordered into the contract's order (inputs,
 constants, states / outputs, state outputs), which ONNX allows since tensors are bound by name.
@@ -24,6 +36,7 @@ import numpy as np
 
 from .contract import BATCH, ONNX_CODE_TO_DTYPE, ConstantSpec, StateSpec, StreamingSpec, TensorSpec, write_spec
 from .errors import ModelFileError, SpecError
+from .index_bounds import with_index_bounds
 
 
 def parse_state(text: str) -> tuple[str, str, int]:
@@ -70,14 +83,38 @@ def _dtype(vi: Any) -> str:
     return ONNX_CODE_TO_DTYPE[code]
 
 
-def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) -> tuple[StateSpec, str | None]:
+def parse_batch_axis(text: str) -> tuple[str, int]:
+    """``"x=0"`` -> ``("x", 0)`` (``--batch-axis``)."""
+    name, sep, axis = text.partition("=")
+    if not sep or not name.strip():
+        raise SpecError(f"--batch-axis '{text}': expected NAME=AXIS, e.g. --batch-axis input=0")
+    try:
+        return name.strip(), int(axis)
+    except ValueError:
+        raise SpecError(f"--batch-axis '{text}': axis '{axis.strip()}' is not an integer") from None
+
+
+def _fixed_batch(owner: str, axis: int, size: int, hint: str) -> None:
+    """A batch axis the graph fixes: 1 is adopted (max_batch 1); anything else is not a batch axis."""
+    if size != 1:
+        raise SpecError(f"{owner}: axis {axis} is fixed at {size} in the graph; a batch axis must be dynamic or "
+                        f"fixed at 1 ({hint})")
+
+
+def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) -> tuple[StateSpec, str | None, bool]:
+    """The state's spec, the dim_param of its batch axis (None if unnamed or fixed), and whether the graph
+    fixes its batch at 1."""
     dims = _dims(vin)
     if not -len(dims) <= axis < len(dims):
         raise SpecError(f"state '{name}': batch axis {axis} is out of range for rank {len(dims)}")
     axis %= len(dims)
-    if isinstance(dims[axis], int):
-        raise SpecError(f"state '{name}': axis {axis} is fixed at {dims[axis]} in the graph; the batch axis must be "
-                        "dynamic (re-export with a dynamic batch axis, or give another @AXIS)")
+    fixed = isinstance(dims[axis], int)
+    if fixed:
+        _fixed_batch(f"state '{name}'", axis, int(dims[axis]), "give another @AXIS, or re-export with a dynamic batch axis")
+        dynamic = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+        if dynamic:  # a fixed 1 beside a dynamic axis: the dynamic one is the batch, surely
+            raise SpecError(f"state '{name}': axis {axis} is fixed at 1 but axis {dynamic[0]} ('{dims[dynamic[0]] or '?'}') "
+                            f"is dynamic; give its batch axis as {name}={out}@{dynamic[0]}")
     out_dims = _dims(vout) if vout.type.tensor_type.HasField("shape") else []
     shape: list[int | str] = []
     for i, d in enumerate(dims):
@@ -98,26 +135,34 @@ def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) 
                         f"{shape}; a state's output must have the shape of its input")
     if _dtype(vout) != _dtype(vin):
         raise SpecError(f"state '{name}': output '{out}' is {_dtype(vout)} but the input is {_dtype(vin)}; expected the same")
-    return StateSpec(name, shape, _dtype(vin), init, out), dims[axis] if isinstance(dims[axis], str) else None
+    param = dims[axis] if isinstance(dims[axis], str) else None
+    return StateSpec(name, shape, _dtype(vin), init, out), param, fixed
 
 
-def _data_spec(vi: Any, batch_params: set[str], override: int | None) -> TensorSpec:
+def _data_spec(vi: Any, batch_params: set[str], override: int | None, fixed_model: bool) -> tuple[TensorSpec, bool]:
+    """The tensor's spec and whether the graph fixes its batch axis at 1 (rules in the module doc)."""
     dims = _dims(vi)
     symbolic = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+    flag = f"--batch-axis {vi.name}=AXIS (batch_axes={{'{vi.name}': AXIS}} in Python)"
     if override is not None:
         if not -len(dims) <= override < len(dims):
-            raise SpecError(f"tensor '{vi.name}': batch axis {override} is out of range for rank {len(dims)}")
+            raise SpecError(f"tensor '{vi.name}': batch axis {override} is out of range for rank {len(dims)} "
+                            f"(from --batch-axis)")
         axis = override % len(dims)
     else:
         matching = [i for i in symbolic if dims[i] in batch_params]
         if len(matching) == 1:
             axis = matching[0]
+        elif fixed_model and dims and dims[0] == 1:
+            axis = 0
         elif len(symbolic) == 1:
             axis = symbolic[0]
         else:
             listed = ", ".join(f"{i} ('{dims[i] or '?'}')" for i in symbolic) or "none"
-            raise SpecError(f"tensor '{vi.name}': cannot tell its batch axis (symbolic axes: {listed}); "
-                            f"pass batch_axes={{'{vi.name}': AXIS}}")
+            raise SpecError(f"tensor '{vi.name}': cannot tell its batch axis (dynamic axes: {listed}); pass {flag}")
+    fixed = isinstance(dims[axis], int)
+    if fixed:
+        _fixed_batch(f"tensor '{vi.name}'", axis, int(dims[axis]), f"pass {flag} for another axis")
     shape: list[int | str] = []
     for i, d in enumerate(dims):
         if i == axis:
@@ -126,18 +171,19 @@ def _data_spec(vi: Any, batch_params: set[str], override: int | None) -> TensorS
             shape.append(d)
         else:
             shape.append(d if d and d != BATCH and d not in batch_params else f"{vi.name}_dim{i}")
-    return TensorSpec(vi.name, shape, _dtype(vi))
+    return TensorSpec(vi.name, shape, _dtype(vi)), fixed
 
 
 def annotate(model_path: str | Path, out_path: str | Path, states: list[str] | Mapping[str, Any],
-             consts: Mapping[str, Any] | list[str] | None = None, *, batch_axes: Mapping[str, int] | None = None,
+             consts: Mapping[str, Any] | list[str] | None = None, *,
+             batch_axes: Mapping[str, int] | list[str] | None = None,
              inits: Mapping[str, float | int | bool] | None = None, chunk_invariant: bool = False,
              meta: Mapping[str, Any] | None = None) -> StreamingSpec:
     """Write a spec into a copy of ``model_path`` at ``out_path`` and return it.
 
     ``states``: ``["IN=OUT@AXIS", ...]`` or ``{IN: "OUT@AXIS" | (OUT, AXIS)}``; ``consts``: ``["NAME=VALUE",
-    ...]`` or ``{NAME: value}``; ``batch_axes`` overrides the batch axis of data tensors; ``inits`` gives
-    non-zero initial state values.
+    ...]`` or ``{NAME: value}``; ``batch_axes`` overrides the batch axis of data tensors (``{name: axis}``
+    or ``["NAME=AXIS", ...]``); ``inits`` gives non-zero initial state values.
     """
     try:
         import onnx  # noqa: PLC0415
@@ -160,14 +206,15 @@ def annotate(model_path: str | Path, out_path: str | Path, states: list[str] | M
         pairs = [parse_state(s) for s in states]
     const_items = list(consts.items()) if isinstance(consts, Mapping) else [parse_const(c) for c in consts or []]
 
-    state_specs, batch_params = [], set()
+    state_specs, batch_params, fixed_batch = [], set(), False
     for name, out, axis in pairs:
         if name not in g_in:
             raise SpecError(f"state '{name}': not a graph input; inputs are {sorted(g_in)}")
         if out not in g_out:
             raise SpecError(f"state '{name}': output '{out}' is not a graph output; outputs are {sorted(g_out)}")
-        spec, param = _state_spec(name, out, axis, g_in[name], g_out[out], (inits or {}).get(name, 0))
+        spec, param, fixed = _state_spec(name, out, axis, g_in[name], g_out[out], (inits or {}).get(name, 0))
         state_specs.append(spec)
+        fixed_batch = fixed_batch or fixed
         if param:
             batch_params.add(param)
 
@@ -185,12 +232,22 @@ def annotate(model_path: str | Path, out_path: str | Path, states: list[str] | M
 
     taken_in = {s.name for s in state_specs} | {c.name for c in const_specs}
     taken_out = {s.output for s in state_specs}
-    over = dict(batch_axes or {})
-    inputs = [_data_spec(vi, batch_params, over.pop(n, None)) for n, vi in g_in.items() if n not in taken_in]
-    outputs = [_data_spec(vi, batch_params, over.pop(n, None)) for n, vi in g_out.items() if n not in taken_out]
+    over = dict(batch_axes) if isinstance(batch_axes, Mapping) else dict(parse_batch_axis(t) for t in batch_axes or [])
+    data = [(vi, True) for n, vi in g_in.items() if n not in taken_in]
+    data += [(vi, False) for n, vi in g_out.items() if n not in taken_out]
+    inputs, outputs = [], []
+    for vi, is_input in data:
+        t, fixed = _data_spec(vi, batch_params, over.pop(vi.name, None), fixed_batch)
+        (inputs if is_input else outputs).append(t)
+        fixed_batch = fixed_batch or fixed
     if over:
-        raise SpecError(f"batch_axes: {sorted(over)} are not data inputs or outputs of the graph")
-    spec = StreamingSpec(inputs, outputs, state_specs, const_specs, chunk_invariant, dict(meta or {}))
+        raise SpecError(f"--batch-axis: {sorted(over)} are not data inputs or outputs of the graph; "
+                        f"they are {sorted(t.name for t in inputs + outputs)}")
+    meta = dict(meta or {})
+    if fixed_batch:  # the graph's 1 stays; the runtime never feeds it more (see the module doc)
+        meta["max_batch"] = 1
+    spec = StreamingSpec(inputs, outputs, state_specs, const_specs, chunk_invariant, meta)
+    spec = with_index_bounds(spec, model)
 
     # Reorder the graph's inputs/outputs into the contract's order (initializer-inputs of old exports last).
     order_in = spec.graph_input_names

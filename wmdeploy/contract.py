@@ -74,12 +74,17 @@ def _batch_axis(owner: str, shape: tuple[Dim, ...]) -> int:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A data input or output: name, shape (ints and axis names, ``batch`` exactly once) and dtype."""
+    """A data input or output: name, shape (ints and axis names, ``batch`` exactly once) and dtype.
+
+    ``index_bound`` (integer inputs only): the values index a table of that many rows (token ids into an
+    embedding); the runtime refuses any outside ``[0, index_bound)`` (see :mod:`.index_bounds`).
+    """
 
     name: str
     shape: tuple[Dim, ...]
     dtype: str = "float32"
     doc: str = ""
+    index_bound: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -88,6 +93,11 @@ class TensorSpec:
         object.__setattr__(self, "shape", _normalise_shape(owner, self.shape))
         _check_dtype(owner, self.dtype)
         _batch_axis(owner, self.shape)
+        if self.index_bound is not None:
+            if type(self.index_bound) is not int or self.index_bound < 1:
+                raise SpecError(f"{owner}: index_bound {self.index_bound!r}; expected a positive int (rows of the table it indexes)")
+            if DTYPES[self.dtype].kind not in "iu":
+                raise SpecError(f"{owner}: index_bound on a {self.dtype} tensor; only integer inputs index a table")
 
     @property
     def batch_axis(self) -> int:
@@ -109,6 +119,8 @@ class TensorSpec:
         d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
         if self.doc:
             d["doc"] = self.doc
+        if self.index_bound is not None:
+            d["index_bound"] = self.index_bound
         return d
 
 
@@ -263,6 +275,14 @@ class StreamingSpec:
             json.dumps(self.meta)
         except TypeError as exc:
             raise SpecError(f"spec meta: must be JSON-serialisable: {exc}") from None
+        if (cap := self.meta.get("max_batch")) is not None and (type(cap) is not int or cap < 1):
+            raise SpecError(f"spec meta.max_batch: {cap!r}; expected a positive int (the most streams one engine call takes)")
+
+    @property
+    def max_batch(self) -> int | None:
+        """The most streams one engine call may carry (``meta.max_batch``; a third-party file whose graph
+        fixes its batch at 1 gets 1 from ``annotate``); ``None``: no limit."""
+        return self.meta.get("max_batch")
 
     # ---- names in graph order -------------------------------------------------------------------
     @property
@@ -323,7 +343,8 @@ class StreamingSpec:
                 "(a newer file needs a newer wmdeploy)"
             )
         try:
-            inputs = [TensorSpec(t["name"], t["shape"], t["dtype"], t.get("doc", "")) for t in data.get("inputs", [])]
+            inputs = [TensorSpec(t["name"], t["shape"], t["dtype"], t.get("doc", ""), t.get("index_bound"))
+                      for t in data.get("inputs", [])]
             outputs = [TensorSpec(t["name"], t["shape"], t["dtype"], t.get("doc", "")) for t in data.get("outputs", [])]
             states = []
             for s in data.get("states", []):

@@ -25,6 +25,7 @@ import torch
 from . import __version__
 from .contract import BATCH, ONNX_TYPE_CODES, StreamingSpec, write_spec
 from .errors import ExportError, VerificationError
+from .index_bounds import with_index_bounds
 from .runners import axis_sizes, sample_inputs, time_axis_name
 from .torch_module import load_module, module_spec, run_module
 
@@ -188,6 +189,9 @@ def export(module: torch.nn.Module, path: str | Path, *, opset: int = 17, export
     model = onnx.load(str(path))
     _restore_graph_inputs(model, spec, path)
     _set_declared_shapes(model, spec)
+    # Token inputs that index an embedding table get its row count as their bound (a user's own model
+    # rarely declares meta.vocab_size, and Gather wraps -1 silently): see index_bounds.
+    spec = with_index_bounds(spec, model)
     write_spec(model, spec)
     # the version is wmdeploy's (torch.onnx leaves its own there, which read as a wmdeploy version)
     model.producer_name, model.producer_version = "wmdeploy", f"{__version__} (torch {torch.__version__}, {exporter})"

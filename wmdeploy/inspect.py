@@ -111,6 +111,10 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         info["state_bytes_per_stream"] = spec.state_bytes_per_stream
         info["chunk_invariant"] = spec.chunk_invariant
         info["meta"] = spec.meta
+        # why a pool/server/Triton will not batch this file (a third-party graph that fixes its batch)
+        info["batching"] = (f"fixed at {spec.max_batch} by the graph (meta.max_batch): a StreamPool and `serve` step at "
+                            f"most {spec.max_batch} stream(s) per engine call; `triton` cannot batch its sequences"
+                            if spec.max_batch is not None else None)
     return info
 
 
@@ -164,6 +168,11 @@ def render(info: dict[str, Any]) -> Any:
         st.add_row(s["name"], s["output"], s["dtype"], str(s["shape"]), str(s["batch_axis"]), str(s["init"]),
                    str(s["bytes_per_stream"]))
     parts.append(st)
+    if info.get("batching"):
+        parts.append(Text(f"batching: {info['batching']}", style="yellow"))
+    bounds = [f"'{t['name']}' in [0, {t['index_bound']})" for t in info["inputs"] if t.get("index_bound")]
+    if bounds:
+        parts.append(Text(f"index inputs (ids outside are refused): {', '.join(bounds)}"))
     if info["meta"]:
         parts.append(Text(f"meta: {info['meta']}"))
     for i, rec in enumerate(info.get("lineage") or []):

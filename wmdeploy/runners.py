@@ -44,7 +44,9 @@ def sample_inputs(spec: StreamingSpec, sizes: dict[str, int], rng: np.random.Gen
         elif kind == "b":
             out[t.name] = rng.random(shape) < 0.5
         else:
-            high = int(spec.meta.get("vocab_size", 2))
+            # below the input's own bound (an inferred embedding size) and the declared vocabulary
+            bounds = [b for b in (t.index_bound, spec.meta.get("vocab_size")) if isinstance(b, int) and b > 0]
+            high = min(bounds) if bounds else 2
             out[t.name] = rng.integers(0, high, size=shape).astype(t.np_dtype)
     return out
 

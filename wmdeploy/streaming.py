@@ -17,11 +17,25 @@ in ``bench/bench_runtime.py``; with the usual batched-matmul costs, G groups of 
 G calls of the per-call overhead more than one call of n streams). Within one call streams never mix:
 each output row and state slot belongs to exactly one stream.
 
+Memory follows the live streams: a pool's ``capacity`` is a limit (``None``: none), not an allocation.
+Its arena grows geometrically (x2) when a stream joins a full arena, and shrinks (to twice the live
+streams, rounded up to a power of two) once at most a quarter of its slots have been in use for
+``shrink_after_s`` seconds: the factor-4 gap between the two thresholds is the hysteresis that keeps a
+join/leave at a boundary from reallocating, and the delay keeps a burst of leaves from giving back
+memory that the next burst of joins would take again. Growth copies the live states bit for bit and
+stream ids never change. ``reserve`` slots are allocated up front and never given back (a pre-sized pool:
+``reserve=capacity``).
+
+A pool step is all-or-nothing: inputs are checked before any engine call, and when a step makes several
+engine calls (several chunk lengths) and a later one fails, the earlier groups' states are rolled back
+(the arena's ``checkpoint``; with ping-pong buffers the old state is still there, so it costs nothing).
+
 Not thread-safe: use one ``Stream``/``StreamPool`` per thread (the backend's session itself is shared).
 """
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -31,7 +45,7 @@ import numpy as np
 from . import snapshot as _snap
 from ._inputs import check_inputs
 from .contract import StreamingSpec
-from .errors import CapacityError, InputError, SnapshotError
+from .errors import BackendError, CapacityError, InputError, SnapshotError
 from .runtimes import create
 from .runtimes.base import Backend, StateArena
 
@@ -54,6 +68,22 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", *, spec: 
     return Model(engine, why)
 
 
+def _snapshot_steps(blob: bytes) -> int:
+    """The step count in a (checksum-verified) snapshot's meta, checked before anything is allocated: a
+    re-checksummed snapshot can carry any JSON there, and failing after a pool slot was taken leaked it."""
+    try:
+        steps = _snap.meta(blob).get("steps", 0)
+    except (TypeError, ValueError, AttributeError):
+        raise SnapshotError("snapshot: its header's 'meta' is not an object") from None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise SnapshotError(f"snapshot: meta.steps {str(steps)[:20]!r}, expected a step count >= 0")
+    return steps
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _freeze(states: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
     for arr in states.values():
         arr.flags.writeable = False
@@ -67,6 +97,9 @@ class Model:
         self.backend = backend
         self.spec: StreamingSpec = backend.spec
         self.selection = selection  # which backend and why, in words
+        if self.spec.max_batch is not None:  # a fixed-batch graph: say why pools do not batch
+            self.selection += (f"; batch fixed at {self.spec.max_batch} by the graph (meta.max_batch): "
+                               f"a pool steps at most {self.spec.max_batch} stream(s) per engine call")
 
     @property
     def backend_name(self) -> str:
@@ -84,9 +117,10 @@ class Model:
         """A fresh working memory (the spec's initial values), or one resumed from ``snapshot``."""
         return Stream(self, batch=batch, snapshot=snapshot)
 
-    def pool(self, capacity: int) -> "StreamPool":
-        """Room for ``capacity`` streams stepped together, one engine call per distinct chunk shape."""
-        return StreamPool(self, capacity)
+    def pool(self, capacity: int | None = None, *, reserve: int = 0, shrink_after_s: float = 30.0) -> "StreamPool":
+        """Streams stepped together, one engine call per distinct chunk shape; at most ``capacity`` of them
+        (``None``: no limit). Memory grows with the streams that join; ``reserve`` slots are allocated now."""
+        return StreamPool(self, capacity, reserve=reserve, shrink_after_s=shrink_after_s)
 
     def describe(self) -> dict[str, Any]:
         return {**self.backend.describe(), "selection": self.selection, "path": str(self.path)}
@@ -103,9 +137,10 @@ class Stream:
 
     def __init__(self, model: Model, batch: int = 1, snapshot: bytes | None = None) -> None:
         self.model, self.spec = model, model.spec
-        restored = None
+        restored, steps = None, 0
         if snapshot is not None:
             restored = _snap.loads(self.spec, snapshot)  # every check before any allocation
+            steps = _snapshot_steps(snapshot)
             if self.spec.states:
                 first = self.spec.states[0]
                 batch = restored[first.name].shape[first.batch_axis]
@@ -117,7 +152,7 @@ class Stream:
         self.steps = 0
         if restored is not None:
             self._arena.write(self._slots, restored)
-            self.steps = int(_snap.meta(snapshot).get("steps", 0))
+            self.steps = steps
 
     def step(self, **inputs: Any) -> dict[str, np.ndarray]:
         """Feed one chunk; return the data outputs. The state advances only if the step succeeds."""
@@ -153,23 +188,34 @@ def _rows(arr: np.ndarray, axis: int, n: int) -> list[np.ndarray]:
 
 
 class StreamPool:
-    """Up to ``capacity`` streams, each with its own working memory, stepped in batched engine calls.
+    """Streams (at most ``capacity``; ``None``: no limit), each with its own working memory, stepped in
+    batched engine calls; the state arena grows and shrinks with the live streams (see the module doc).
 
     Stream ids (``sid``) are ints handed out by :meth:`join` and never reused. Live streams are kept in
     the arena's first ``len(pool)`` slots (a leaving stream's slot takes the last one), so that when every
     stream steps, the backend binds the arena directly with no gather or scatter where the state layout
-    allows it. Streams absent from a step keep their state untouched.
+    allows it, and so that a resize keeps one contiguous prefix. Streams absent from a step keep their
+    state untouched.
     """
 
-    def __init__(self, model: Model, capacity: int) -> None:
-        if capacity < 1:
-            raise CapacityError(f"pool capacity {capacity}: expected at least 1")
+    def __init__(self, model: Model, capacity: int | None = None, *, reserve: int = 0,
+                 shrink_after_s: float = 30.0) -> None:
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise CapacityError(f"pool capacity {capacity!r}: expected at least 1, or None for no limit")
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0 or (capacity and reserve > capacity):
+            raise CapacityError(f"pool reserve {reserve!r}: expected 0..{capacity if capacity else 'any'} slots")
+        if not shrink_after_s >= 0:  # NaN too
+            raise InputError(f"pool shrink_after_s {shrink_after_s!r}: expected seconds >= 0")
         self.model, self.spec, self.capacity = model, model.spec, capacity
-        self._arena: StateArena = model.backend.arena(capacity)
+        self.reserve, self.shrink_after_s = reserve, float(shrink_after_s)
+        self._floor = max(1, reserve)  # never shrink below this many slots
+        self._arena: StateArena = model.backend.arena(self._floor)
         self._slot: dict[int, int] = {}  # sid -> slot
         self._sid_at: list[int] = []  # slot -> sid, packed
         self._steps: dict[int, int] = {}
         self._ids = itertools.count()
+        self._low_since: float | None = None  # when occupancy last fell to a quarter or less
+        self.resizes = {"grow": 0, "shrink": 0}
 
     def __len__(self) -> int:
         return len(self._sid_at)
@@ -181,27 +227,87 @@ class StreamPool:
     def sids(self) -> list[int]:
         return list(self._sid_at)
 
+    @property
+    def allocated(self) -> int:
+        """Slots the arena holds memory for now (>= ``len(pool)``)."""
+        return self._arena.capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of state memory the arena holds now (0 where its backend does not say)."""
+        return self._arena.nbytes
+
     def _slot_of(self, sid: int) -> int:
         try:
             return self._slot[sid]
         except (KeyError, TypeError):
             raise InputError(f"stream {sid!r}: not in this pool (it left, or was never joined)") from None
 
+    # ---- memory ---------------------------------------------------------------------------------------
+    def _resize(self, slots: int) -> None:
+        """Reallocate the arena for ``slots``, keeping the live prefix; the arena is unchanged on failure."""
+        keep = len(self._sid_at)
+        try:
+            self._arena.resize(slots, keep)
+        except NotImplementedError:  # an arena without resize: a new one, live states through the host
+            arena = self.model.backend.arena(slots)
+            if keep:
+                arena.write(range(keep), self._arena.read(range(keep)))
+            self._arena = arena
+        self._low_since = None
+
+    def trim(self) -> bool:
+        """Give memory back if at most a quarter of the slots have been in use for ``shrink_after_s``
+        (also checked on every leave and step; a server calls it from its periodic sweep). True if it shrank."""
+        n, allocated = len(self._sid_at), self._arena.capacity
+        if allocated <= self._floor or n > allocated // 4:
+            self._low_since = None
+            return False
+        now = time.monotonic()
+        if self._low_since is None:
+            self._low_since = now
+        if now - self._low_since < self.shrink_after_s:
+            return False
+        try:
+            self._resize(max(self._floor, _pow2_at_least(2 * n)))
+        except (MemoryError, BackendError):  # shrinking is an optimisation: keep the memory, retry later
+            self._low_since = now
+            return False
+        self.resizes["shrink"] += 1
+        return True
+
+    # ---- membership -----------------------------------------------------------------------------------
     def join(self, snapshot: bytes | None = None) -> int:
-        """Add a stream (fresh, or resumed from a one-stream snapshot); return its id."""
-        if len(self._sid_at) >= self.capacity:
+        """Add a stream (fresh, or resumed from a one-stream snapshot); return its id.
+
+        All-or-nothing: the snapshot is checked in full before the pool changes, so a refused one takes
+        no slot. ``CapacityError`` at the pool's limit, or if its arena cannot grow (out of memory).
+        """
+        if self.capacity is not None and len(self._sid_at) >= self.capacity:
             raise CapacityError(f"pool: all {self.capacity} slots are taken; leave a stream or make a bigger pool")
-        restored = _snap.loads(self.spec, snapshot) if snapshot is not None else None
-        if restored and any(v.shape != s.shape_for(1) for s in self.spec.states for v in [restored[s.name]]):
-            raise SnapshotError("snapshot: holds several streams; a pool member takes a one-stream snapshot")
-        slot, sid = len(self._sid_at), next(self._ids)
+        restored, steps = None, 0
+        if snapshot is not None:
+            restored = _snap.loads(self.spec, snapshot)
+            if any(v.shape != s.shape_for(1) for s in self.spec.states for v in [restored[s.name]]):
+                raise SnapshotError("snapshot: holds several streams; a pool member takes a one-stream snapshot")
+            steps = _snapshot_steps(snapshot)
+        slot = len(self._sid_at)
+        if slot >= self._arena.capacity:
+            grown = max(2 * self._arena.capacity, slot + 1)
+            grown = min(grown, self.capacity) if self.capacity is not None else grown
+            try:
+                self._resize(grown)
+            except MemoryError:
+                raise CapacityError(f"pool: cannot grow to {grown} slots ({len(self)} streams): out of memory") from None
+            self.resizes["grow"] += 1
         if restored is not None:
             self._arena.write([slot], restored)
         else:
             self._arena.reset([slot])
+        sid = next(self._ids)
         self._slot[sid] = slot
         self._sid_at.append(sid)
-        self._steps[sid] = int(_snap.meta(snapshot).get("steps", 0)) if snapshot is not None else 0
+        self._steps[sid] = steps
         return sid
 
     open = join
@@ -218,6 +324,8 @@ class StreamPool:
         self._sid_at.pop()
         del self._slot[sid]
         del self._steps[sid]
+        if len(self._sid_at) <= self._arena.capacity >> 2:
+            self.trim()
 
     def reset(self, sid: int) -> None:
         self._arena.reset([self._slot_of(sid)])
@@ -230,10 +338,13 @@ class StreamPool:
         """The stream's working memory, in the same format as ``Stream.snapshot`` (batch 1)."""
         return _snap.dumps(self.spec, self._arena.read([self._slot_of(sid)]), {"steps": self._steps[sid]})
 
+    # ---- stepping -------------------------------------------------------------------------------------
     def step(self, requests: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, np.ndarray]]:
         """Step the streams in ``requests`` (sid -> inputs with a batch axis of 1); return sid -> outputs.
 
-        Every request is checked before any engine call, so a bad input steps no stream at all.
+        All-or-nothing: every request is checked before any engine call, so a bad input steps no stream;
+        and if one of several engine calls (one per chunk shape) fails, the streams of the calls that had
+        succeeded are rolled back, so the step raises with every stream's state as it was.
         """
         groups: dict[tuple, list[tuple[int, int, dict[str, np.ndarray]]]] = {}
         for sid, inputs in requests.items():
@@ -241,25 +352,47 @@ class StreamPool:
             feeds, _ = check_inputs(self.spec, inputs, 1, where=f"stream {sid}: ")
             key = tuple(a.shape for a in feeds.values())
             groups.setdefault(key, []).append((slot, sid, feeds))
-        results: dict[int, dict[str, np.ndarray]] = {}
-        backend = self.model.backend
+        arena, backend = self._arena, self.model.backend
+        calls = []
+        cap = self.spec.max_batch  # a graph with a fixed batch (meta.max_batch): at most that many per call
+        if cap is not None:
+            groups = {(key, i): ms[i:i + cap] for key, ms in groups.items() for i in range(0, len(ms), cap)}
         for members in groups.values():
             members.sort(key=lambda m: m[0])
             slots_list = [m[0] for m in members]
             n = len(members)
             contiguous = slots_list[-1] - slots_list[0] == n - 1
             slots: Any = range(slots_list[0], slots_list[-1] + 1) if contiguous else np.asarray(slots_list, np.intp)
-            if n == 1:
-                feeds = members[0][2]
-            else:
-                feeds = {t.name: np.concatenate([m[2][t.name] for m in members], axis=t.batch_axis)
-                         for t in self.spec.inputs}
-            outs = backend.run(self._arena, slots, feeds)
+            calls.append((members, slots))
+        token = None
+        if len(calls) > 1:  # the earlier calls' streams must be restorable if a later call fails
+            token = arena.checkpoint(np.asarray([m[0] for members, _ in calls[:-1] for m in members], np.intp))
+        done = []
+        try:
+            for members, slots in calls:
+                if len(members) == 1:
+                    feeds = members[0][2]
+                else:
+                    feeds = {t.name: np.concatenate([m[2][t.name] for m in members], axis=t.batch_axis)
+                             for t in self.spec.inputs}
+                done.append((members, backend.run(arena, slots, feeds)))
+        except BaseException:
+            if token is not None:
+                arena.rollback(token)
+            raise
+        if token is not None:
+            arena.commit(token)
+        results: dict[int, dict[str, np.ndarray]] = {}
+        for members, outs in done:
+            n = len(members)
             split = {t.name: _rows(outs[t.name], t.batch_axis, n) for t in self.spec.outputs}
             for i, (_, sid, _) in enumerate(members):
                 results[sid] = {name: rows[i] for name, rows in split.items()}
                 self._steps[sid] += 1
+        if self._low_since is not None:
+            self.trim()
         return results
 
     def __repr__(self) -> str:
-        return f"StreamPool({len(self)}/{self.capacity} streams)"
+        limit = "no limit" if self.capacity is None else f"limit {self.capacity}"
+        return f"StreamPool({len(self)} streams, {self.allocated} slots allocated, {limit})"

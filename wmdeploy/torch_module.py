@@ -34,6 +34,11 @@ def _import_target(target: str) -> Any:
         path = Path(where)
         if not path.is_file():
             raise ExportError(f"SPEC '{target}': no such file {path}")
+        if (path.parent / "__init__.py").is_file():
+            module = _import_in_package(target, path.resolve())
+            if not hasattr(module, name):
+                raise ExportError(f"SPEC '{target}': '{where}' has no attribute '{name}'")
+            return getattr(module, name)
         mod_name = f"_wmdeploy_user_{path.stem}_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         if spec is None or spec.loader is None:
@@ -43,7 +48,9 @@ def _import_target(target: str) -> Any:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise ExportError(f"SPEC '{target}': importing {path} failed: {type(exc).__name__}: {exc}") from None
+            raise ExportError(f"SPEC '{target}': importing {path} failed (loaded by path, nothing added to sys.path; "
+                              f"it has no __init__.py beside it, so it is not part of a package): "
+                              f"{type(exc).__name__}: {exc}") from None
     else:
         try:
             module = importlib.import_module(where)
@@ -52,6 +59,37 @@ def _import_target(target: str) -> Any:
     if not hasattr(module, name):
         raise ExportError(f"SPEC '{target}': '{where}' has no attribute '{name}'")
     return getattr(module, name)
+
+
+def _package_root(path: Path) -> tuple[Path, str]:
+    """The directory to put on ``sys.path`` and the dotted module name of ``path``, found as pytest does
+    (rootdir-less "prepend" mode): walk up while the directory holds an ``__init__.py``."""
+    parts = [path.stem] if path.stem != "__init__" else []
+    folder = path.parent
+    while (folder / "__init__.py").is_file() and folder.parent != folder:
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return folder, ".".join(parts)
+
+
+def _import_in_package(target: str, path: Path) -> Any:
+    """Import ``path`` as a module of its package, so that its relative imports (``from .layers import X``,
+    as most projects' model files have) resolve; a file outside any package is loaded by path instead."""
+    root, dotted = _package_root(path)
+    top = dotted.split(".")[0]
+    loaded = sys.modules.get(top)
+    origin = getattr(loaded, "__file__", None) or ""
+    if loaded is not None and not Path(origin).resolve().is_relative_to(root / top):
+        raise ExportError(f"SPEC '{target}': its package '{top}' (root {root}) clashes with the already imported "
+                          f"module '{top}' from {origin or 'a namespace'}; rename one of them")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(dotted)
+    except Exception as exc:
+        raise ExportError(f"SPEC '{target}': importing it as module '{dotted}' failed with {root} put on sys.path "
+                          f"(the package root: the first folder up without an __init__.py): "
+                          f"{type(exc).__name__}: {exc}") from None
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -297,6 +297,11 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
         raise SpecError(f"--idle-timeout: {idle_timeout_s}; expected a positive number of seconds (at least 1e-6)")
     if not spec.states:
         raise TritonRepoError(f"{source}: the spec declares no states; a stateless model needs no sequence batcher")
+    notes: list[str] = []
+    if spec.max_batch is not None and max_batch > spec.max_batch:  # a graph with a fixed batch (annotate's meta)
+        notes.append(f"max_batch_size {spec.max_batch}, not {max_batch}: the graph fixes its batch at {spec.max_batch} "
+                     f"(meta.max_batch), so Triton cannot batch its sequences; scale it with --instances")
+        max_batch = spec.max_batch
     # the default is the file's stem made a valid name (annotate's `vad.wm.onnx` -> `vad_wm`); --name is checked as given
     name = name or re.sub(r"[^A-Za-z0-9_-]", "_", source.stem)
     if not name.replace("_", "").replace("-", "").isalnum():
@@ -311,7 +316,7 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
 
     needs_wrap = bool(spec.constants) or any(t.batch_axis != 0 or len(t.shape) == 1
                                              for t in (*spec.inputs, *spec.outputs, *spec.states))
-    changes: list[str] = []
+    changes: list[str] = notes
     report = None
     if needs_wrap:
         proto = onnx.load(str(source))

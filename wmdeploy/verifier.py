@@ -244,6 +244,8 @@ def verify(candidate: Any, reference: Any | None = None, *, chunks: Sequence[int
             raise InputError(f"{flag} {list(values)}: expected one or more positive integers")
     cand = as_runner(candidate, spec)
     spec = spec or cand.spec  # type: ignore[attr-defined]
+    if spec.max_batch is not None:  # a graph with a fixed batch (meta.max_batch): verify at the sizes it takes
+        batches = sorted({min(int(b), spec.max_batch) for b in batches})
     schedule = chunk_schedule(spec, chunks, steps)
     ref = as_runner(reference) if reference is not None else None
     if ref is not None:

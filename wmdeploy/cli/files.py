@@ -64,6 +64,10 @@ def verify_cmd(
     parity: bool = typer.Option(False, "--parity", help="with an .onnx --reference: the tolerance check instead of the drift report"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="drift report: plot error against step to this PNG (needs wmdeploy[plot])"),
     data: str = typer.Option("task", "--data", help="drift report inputs: task (held-out text / recall episodes for zoo models), random, or a .npz"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="run MODEL on this backend (default: ONNX Runtime), e.g. openvino"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="with --backend openvino: f32, bf16 or f16"),
+    reference_backend: Optional[str] = typer.Option(None, "--reference-backend", help="run an .onnx --reference on this backend (default: ONNX Runtime)"),
+    reference_precision: Optional[str] = typer.Option(None, "--reference-precision", help="precision of the --reference-backend"),
 ) -> None:
     """Stream the same random chunks through MODEL and a reference; report the worst error per tensor.
 
@@ -72,24 +76,28 @@ def verify_cmd(
     model of a quantized or optimized one) it prints the drift report: error per bucket of steps, each
     model carrying its own state, plus top-1 agreement / cross-entropy / recall accuracy for language
     models; it fails (exit 1) when the drift exceeds the documented bound of the transform in MODEL's
-    lineage.
+    lineage. With --backend/--precision (and --reference-backend) the same file can be its own reference:
+    `verify lm.onnx --reference lm.onnx --backend openvino --precision bf16` is the drift of OpenVINO bf16
+    against ONNX Runtime float32, held to the documented bf16 bound.
     """
     from ..verifier import verify as run_verify  # noqa: PLC0415
 
+    cand: Any = _engine(model, backend, precision, "--backend")
     ref: Any = None
     if reference is not None:
         if reference.endswith(".onnx") and not parity:
             _drift_cmd(model, Path(reference), 512 if steps is None else steps, _parse_chunks(chunks, "--chunks")[0],
-                       _parse_chunks(batches, "--batches")[0], data, seed, json_out, plot)
+                       _parse_chunks(batches, "--batches")[0], data, seed, json_out, plot, cand,
+                       _engine(Path(reference), reference_backend, reference_precision, "--reference-backend"))
             return
         if reference.endswith(".onnx"):
-            ref = Path(reference)
+            ref = _engine(Path(reference), reference_backend, reference_precision, "--reference-backend")
         else:
             from ..torch_module import load_module  # noqa: PLC0415
 
             ref = load_module(reference, config, checkpoint)
     with console.status(f"verifying {model} ..."):
-        report = run_verify(model, ref, chunks=_parse_chunks(chunks, "--chunks"), batches=_parse_chunks(batches, "--batches"),
+        report = run_verify(cand, ref, chunks=_parse_chunks(chunks, "--chunks"), batches=_parse_chunks(batches, "--batches"),
                             steps=steps, seed=seed, atol=atol, rtol=rtol)
     console.print(report.table())
     if json_out:
@@ -115,24 +123,39 @@ def inspect_cmd(
         console.print(render(info))
 
 
-@app.command(epilog="Example: wmdeploy annotate third_party.onnx -o adopted.onnx --state h=hN@1 --const sample_rate=16000")
+@app.command(epilog="Example: wmdeploy annotate third_party.onnx -o adopted.onnx --state h=hN@1 --const sample_rate=16000; "
+                    "unnamed axes ([?, ?]): add --batch-axis input=0 --batch-axis output=0")
 @cli_errors
 def annotate(
     model: Path = typer.Argument(..., help="a stateful ONNX file that no wmdeploy export made"),
     output: Path = typer.Option(..., "-o", "--output", help="where to write the annotated copy"),
     state: List[str] = typer.Option(..., "--state", help="IN=OUT[@AXIS]: a state input fed back from output OUT; AXIS is its batch axis (default 0)"),
     const: List[str] = typer.Option([], "--const", help="NAME=VALUE: an input fed VALUE on every call"),
+    batch_axis: List[str] = typer.Option([], "--batch-axis", help="NAME=AXIS: the batch axis of a data input or output "
+                                         "(needed when it has several dynamic axes and none is named like the states' batch)"),
 ) -> None:
     """Write the wmdeploy spec into a third-party stateful ONNX file so every command can use it."""
     from ..annotation import annotate as run_annotate  # noqa: PLC0415
 
-    spec = run_annotate(model, output, states=list(state), consts=list(const))
-    console.print(f"wrote {output}: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs, "
-                  f"{len(spec.states)} state pairs, {len(spec.constants)} constants")
+    spec = run_annotate(model, output, states=list(state), consts=list(const), batch_axes=list(batch_axis))
+    notes = [f"input '{t.name}' ids below {t.index_bound} (its embedding table)" for t in spec.inputs if t.index_bound]
+    if spec.max_batch is not None:
+        notes.append(f"batch fixed at {spec.max_batch} by the graph: a pool steps its streams one engine call each")
+    console.print(soft_wrap=True, *[f"wrote {output}: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs, "
+                  f"{len(spec.states)} state pairs, {len(spec.constants)} constants" + "".join(f"; {n}" for n in notes)])
+
+
+def _engine(path: Path, backend: Optional[str], precision: Optional[str], flag: str) -> Any:
+    """The file itself (ONNX Runtime, as before) or a runner on the named backend/precision."""
+    if backend is None and precision is None:
+        return path
+    from ..transform.drift import ModelRunner  # noqa: PLC0415
+
+    return ModelRunner(path, backend or "auto", **({"precision": precision} if precision else {}))
 
 
 def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int, data: str, seed: int,
-               json_out: Optional[Path], plot: Optional[Path]) -> None:
+               json_out: Optional[Path], plot: Optional[Path], cand: Any = None, ref: Any = None) -> None:
     from rich.progress import Progress  # noqa: PLC0415
 
     from ..transform.drift import DRIFT_BOUNDS, drift_report  # noqa: PLC0415
@@ -140,7 +163,7 @@ def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int,
 
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task(f"streaming {steps} steps through both models", total=steps)
-        report = drift_report(model, reference, steps=steps, chunk=chunk, batch=batch, streams=data, seed=seed,
+        report = drift_report(model if cand is None else cand, reference if ref is None else ref, steps=steps, chunk=chunk, batch=batch, streams=data, seed=seed,
                               progress=lambda done: bar.update(task, completed=done))
     console.print(report.table())
     if json_out:
@@ -149,6 +172,8 @@ def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int,
         report.plot(plot)
         console.print(f"wrote {plot}")
     transforms = [r.get("options", {}).get("mode") or r.get("transform") for r in read_lineage(model)]
+    if getattr(cand, "precision", None) and model.resolve() == reference.resolve():
+        transforms = [cand.precision]  # the same file on another engine/precision: that precision's bound
     bound = DRIFT_BOUNDS.get(transforms[-1], {}) if transforms else {}
     ok, why = report.within(bound.get("min_top1"), bound.get("max_rel"), bound.get("max_recall_drop"))
     if not ok:

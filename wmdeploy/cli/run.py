@@ -11,6 +11,12 @@ import typer
 from .app import app, cli_errors, console, err_console
 
 
+def precision_option(precision: str | None) -> dict[str, str]:
+    """``--precision`` as a load() option, only when given: a backend without precisions (onnxruntime)
+    then refuses it in one line naming the options it takes, instead of ignoring it."""
+    return {"precision": precision} if precision else {}
+
+
 @app.command(epilog="Example: wmdeploy generate out/lm.onnx out/lm.int8.onnx --prompt 'The river' --max-tokens 200 --seed 1")
 @cli_errors
 def generate(
@@ -23,6 +29,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="makes the output reproducible"),
     backend: str = typer.Option("auto", "--backend"),
     device: str = typer.Option("cpu", "--device"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="inference precision of backends that take one (openvino: f32, bf16, f16)"),
     as_json: bool = typer.Option(False, "--json", help="print the texts and the speeds as JSON at the end"),
 ) -> None:
     """Continue a prompt: the prompt is prefilled in chunks, then one token per step is sampled and printed.
@@ -35,7 +42,7 @@ def generate(
     from ..generation import generate as run_generate, language_model_info  # noqa: PLC0415
     from ..streaming import load  # noqa: PLC0415
 
-    lms = [load(m, backend=backend, device=device) for m in models]
+    lms = [load(m, backend=backend, device=device, **precision_option(precision)) for m in models]
     for lm, m in zip(lms, models):
         # a clear error before anything is printed: the prompt too (it was echoed, or a first model's whole
         # text written, before a later model's vocabulary refused it)
@@ -83,12 +90,13 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     backend: str = typer.Option("auto", "--backend"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="inference precision of backends that take one (openvino: f32, bf16, f16)"),
 ) -> None:
     """A conversation kept in the model's working memory; /reset, /save FILE, /load FILE, /quit."""
     from ..chat import chat as run_chat  # noqa: PLC0415
     from ..streaming import load  # noqa: PLC0415
 
-    lm = load(model, backend=backend)
+    lm = load(model, backend=backend, **precision_option(precision))
     run_chat(lm, sys.stdin, sys.stdout, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
              seed=seed, prompt="> " if sys.stdin.isatty() else "")
 
@@ -98,7 +106,8 @@ def chat(
 @cli_errors
 def profile_cmd(
     models: Optional[List[Path]] = typer.Argument(None, metavar="MODEL.onnx [MORE.onnx ...]", help="ONNX files with a wmdeploy spec, profiled side by side"),
-    backend: str = typer.Option("auto", "--backend", help="comma-separated backends (auto, onnxruntime, ...), each run on every file"),
+    backend: str = typer.Option("auto", "--backend", help="comma-separated backends (auto, onnxruntime, openvino, ...), each run on every file; NAME:PRECISION for one precision (openvino:bf16)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="inference precision for every --backend without its own :PRECISION (openvino: f32, bf16, f16)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     batch: str = typer.Option("1,8,64", "--batch", help="comma-separated batch sizes (streams stepped together)"),
     chunk: str = typer.Option("1", "--chunk", help="comma-separated chunk lengths (time steps per call)"),
@@ -112,7 +121,7 @@ def profile_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write every number, the samples and the machine as JSON"),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="write one row per cell as CSV"),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: latency and throughput against batch"),
-    url: Optional[str] = typer.Option(None, "--url", help="profile a running `wmdeploy serve` of MODEL.onnx (JSON session API) instead of the file"),
+    url: Optional[str] = typer.Option(None, "--url", help="profile a running `wmdeploy serve` of MODEL.onnx instead of the file: http://HOST:PORT (JSON session API) or grpc://HOST:PORT[/MODEL] (KServe v2 gRPC, --grpc-port)"),
     concurrency: str = typer.Option("1,8,64", "--concurrency", help="with --url: concurrent sessions, each streaming, comma-separated"),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="with --url: the server's API key"),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: capture each step shape as a CUDA graph (onnxruntime-cuda)"),
@@ -132,6 +141,8 @@ def profile_cmd(
     backends = [b.strip() for b in backend.split(",") if b.strip()]
     if not backends:
         raise InputError(f"--backend: expected comma-separated backend names, got {backend!r}")
+    if precision:
+        backends = [b if ":" in b else f"{b}:{precision}" for b in backends]
     if plot_out is not None:
         prof.check_plot_available()  # fail before minutes of measuring, not after
     for flag, path in (("--json", json_out), ("--csv", csv_out), ("--plot", plot_out)):
@@ -175,16 +186,22 @@ def serve_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="model name in /v2/models/NAME (default: the file's stem)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind; the default keeps the server on this machine (0.0.0.0: every interface, use with --api-key)"),
     port: int = typer.Option(8000, "--port"),
+    grpc_port: Optional[int] = typer.Option(None, "--grpc-port", help="also serve KServe v2 over gRPC (Triton's client, sequence streaming) on this port; same sessions and batches as HTTP"),
     max_batch: int = typer.Option(64, "--max-batch", help="most sessions stepped in one engine call"),
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", help="how long a batch waits for more sessions"),
     max_sessions: int = typer.Option(256, "--max-sessions", help="sessions held in memory; beyond: evict an idle one past its TTL, else 429"),
     session_ttl: Optional[float] = typer.Option(None, "--session-ttl", help="seconds idle before a session leaves memory (restored from --persist)"),
-    persist: Optional[Path] = typer.Option(None, "--persist", help="directory of the crash-safe state log"),
+    # a str, not a Path: Path("redis://h:6379/0") would collapse the "//"
+    persist: Optional[str] = typer.Option(None, "--persist", help="directory of the crash-safe state log, or redis://HOST:PORT/DB shared by replicas"),
     api_key: List[str] = typer.Option([], "--api-key", envvar="WMDEPLOY_API_KEY", help="accepted API key (Bearer or X-API-Key); repeatable; or $WMDEPLOY_API_KEY (keeps it out of `ps`)"),
     backend: str = typer.Option("auto", "--backend"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="inference precision of backends that take one (openvino: f32, bf16, f16)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="engine intra-op threads"),
     max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes", help="largest request body or WebSocket message (413 beyond)"),
     max_chunk: Optional[int] = typer.Option(None, "--max-chunk", help="longest chunk (time steps) per step, 413 beyond [default: the model's meta.max_chunk, else 4096]"),
+    max_generate_tokens: int = typer.Option(4096, "--max-generate-tokens", help="largest max_tokens of one generation request (413 beyond)"),
+    persist_ttl: Optional[float] = typer.Option(None, "--persist-ttl", help="seconds without a step before a persisted session is deleted (metric wmdeploy_expired_sessions_total) [default: kept]"),
+    request_timeout: float = typer.Option(60.0, "--request-timeout", help="longest a request waits for the engine (503 beyond)"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
     """Serve MODEL over HTTP: sessions with their own memory, batched; JSON API + KServe v2 (Triton sequences)."""
@@ -196,5 +213,7 @@ def serve_cmd(
         raise typer.BadParameter("--max-chunk must be >= 1 and --max-request-bytes >= 1024")
     serve(ServeConfig(model, name=name, host=host, port=port, max_batch=max_batch, batch_window_ms=batch_window_ms,
                       max_sessions=max_sessions, session_ttl=session_ttl, persist=persist, api_keys=tuple(api_key),
-                      backend=backend, threads=threads, max_request_bytes=max_request_bytes, max_chunk=max_chunk),
+                      backend=backend, backend_options=precision_option(precision), threads=threads, max_request_bytes=max_request_bytes, max_chunk=max_chunk,
+                      grpc_port=grpc_port, max_generate_tokens=max_generate_tokens, persist_ttl=persist_ttl,
+                      request_timeout=request_timeout),
           log_level=log_level)

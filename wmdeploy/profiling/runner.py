@@ -118,7 +118,7 @@ def profile(files: Sequence[str | Path], backends: Sequence[str] = ("auto",), de
         raise InputError(f"--stability/--max-windows: expected 0 < stability and at least 1 window, "
                          f"got {stability} and {max_windows}")
     for b in backends:
-        select(b, device)  # BackendError (one line) for an unknown or unavailable backend, before any work
+        select(split_backend(b)[0], device)  # BackendError (one line) for an unknown or unavailable backend, before any work
     models = model_facts(files)
     settings = {"backends": backends, "device": device, "batches": batches, "chunks": chunks, "steps": steps,
                 "seconds": seconds, "warmup": warmup, "threads": threads, "mode": mode, "stability": stability,
@@ -133,12 +133,17 @@ def profile(files: Sequence[str | Path], backends: Sequence[str] = ("auto",), de
 
     for facts in models:
         for backend in backends:
-            model = load(facts.file, backend=backend, device=device, spec=facts.spec, threads=threads,
-                         **(backend_options or {}))
+            name, precision = split_backend(backend)
+            model = load(facts.file, backend=name, device=device, spec=facts.spec, threads=threads,
+                         **precision, **(backend_options or {}))
+            # bf16/f16 matmul weights are half the file's float32 bytes (the floor must say so)
+            effective = model.describe().get("effective_precision")
+            halved = effective in ("bf16", "f16")
+            used = f"{model.backend_name}:{effective}" if effective else model.backend_name  # what ran, precision too
             try:
                 for chunk in chunks:
                     for batch in batches:
-                        cell = Cell(facts, backend, model.backend_name, model.describe(), device, mode, batch, chunk)
+                        cell = Cell(facts, backend, used, model.describe(), device, mode, batch, chunk)
                         cells.append(cell)
                         what = f"{cell.label} batch {batch} chunk {chunk}"
                         max_chunk = int(facts.spec.meta.get("max_chunk", 0) or 0)
@@ -157,7 +162,7 @@ def profile(files: Sequence[str | Path], backends: Sequence[str] = ("auto",), de
                                 _run_cell(model, cell, settings, on_window)
                             except WmdeployError as exc:  # e.g. a batch the engine cannot allocate
                                 cell.error = " ".join(str(exc).split())
-                            byts = facts.weight_bytes + 2 * batch * facts.state_bytes_per_stream
+                            byts = facts.weight_bytes // (2 if halved else 1) + 2 * batch * facts.state_bytes_per_stream
                             cell.floor_s = byts / bw.bytes_per_s if bw.bytes_per_s else None
                             if device == "cpu" and llc:
                                 cell.fits_in_cache = byts <= llc
@@ -169,6 +174,12 @@ def profile(files: Sequence[str | Path], backends: Sequence[str] = ("auto",), de
                 model.close()
     speedups(cells)
     return ProfileReport(_machine.machine_info(device), bw, launch_s, launch_how, settings, models, cells)
+
+
+def split_backend(backend: str) -> tuple[str, dict[str, str]]:
+    """``"openvino:bf16"`` -> ``("openvino", {"precision": "bf16"})``: one backend at one precision per column."""
+    name, _, precision = backend.partition(":")
+    return name, ({"precision": precision} if precision else {})
 
 
 def check_plot_available() -> None:

@@ -11,12 +11,14 @@ carried: each session must have advanced exactly as many steps as it was sent.
 In the report a server cell has ``mode="server"``, ``batch`` = the concurrency, ``steps_per_s`` =
 aggregate session steps (requests) per second and ``items_per_s`` = that x chunk. Its floor is the
 engine's for one batched call of all ``C`` sessions, so the distance shows what HTTP, JSON and
-queueing add.
+queueing add. ``grpc://HOST:PORT[/MODEL]`` measures the same over KServe v2 gRPC
+(:mod:`wmdeploy.profiling.grpc_load`).
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -148,8 +150,8 @@ def measure_server(url: str, spec: StreamingSpec, concurrency: int, chunk: int, 
 
 
 def check_url(url: str) -> str:
-    if not url.startswith(("http://", "https://")):
-        raise ServerError(f"--url {url}: expected http://HOST:PORT")
+    if not url.startswith(("http://", "https://", "grpc://")):
+        raise ServerError(f"--url {url}: expected http://HOST:PORT or grpc://HOST:PORT[/MODEL]")
     return url.rstrip("/")
 
 
@@ -187,7 +189,14 @@ def profile_server(url: str, files: Sequence[Any], concurrency: Sequence[int] = 
 
             if progress:
                 progress(len(cells) - 1, total, f"{what}: warm-up")
-            cell.timing, cell.state_changed = measure_server(url, facts.spec, c, chunk, settings, api_key, on_window)
+            if url.startswith("grpc://"):  # KServe v2 over gRPC (wmdeploy serve --grpc-port)
+                from .grpc_load import measure_grpc  # noqa: PLC0415
+
+                cell.timing, cell.state_changed = measure_grpc(url, Path(facts.file).stem, facts.spec, c, chunk,
+                                                               settings, api_key, on_window, _windows, ServerError)
+            else:
+                cell.timing, cell.state_changed = measure_server(url, facts.spec, c, chunk, settings, api_key,
+                                                                 on_window)
             if bw.bytes_per_s:
                 cell.floor_s = (facts.weight_bytes + 2 * c * facts.state_bytes_per_stream) / bw.bytes_per_s
             if progress:

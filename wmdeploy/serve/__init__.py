@@ -9,8 +9,11 @@ Torch-free (numpy + onnxruntime + fastapi/uvicorn). Pieces, one concept each:
 * :mod:`._asgi` — API keys (and the tenant they make), body size limits, request logs;
 * :mod:`.batcher` — the engine thread that gathers concurrent steps into one ``StreamPool.step``;
 * :mod:`.sessions` — session ids -> pool streams, LRU, TTL eviction, transparent restore;
-* :mod:`.persist` — the crash-safe state log (group commit: one fsync per batch);
-* :mod:`.kserve` — the v2 JSON/binary tensor codec; :mod:`.metrics` — Prometheus text format.
+* :mod:`.persist` — the crash-safe state log (group commit: one fsync per batch); :mod:`.store` — the
+  store protocol ``--persist`` picks (that log, or :mod:`.redis_store`: sessions shared by replicas);
+* :mod:`.kserve` — the v2 JSON/binary tensor codec; :mod:`.metrics` — Prometheus text format;
+* :mod:`.grpc_service` — KServe v2 over gRPC (``grpc_port``: Triton's service and sequence streaming),
+  started by the app's lifespan on the same loop, into the same batcher.
 
 From Python::
 
@@ -25,6 +28,7 @@ import signal
 import sys
 from typing import Any
 
+from ..errors import InputError
 from .app import ServeConfig, create_app
 
 __all__ = ["ServeConfig", "create_app", "serve", "setup_logging"]
@@ -63,6 +67,13 @@ def serve(config: ServeConfig, log_level: str = "info", **uvicorn_options: Any) 
     if not _is_loopback(config.host) and not config.api_keys:
         log.warning("listening beyond this machine without --api-key: anyone who can reach it can use it",
                     extra={"event": "exposed", "host": config.host})
+    if config.grpc_port is not None:  # a missing extra or a taken port: one line, before the model loads
+        try:
+            from .grpc_service import preflight  # noqa: PLC0415
+        except ImportError as exc:
+            raise InputError(f"--grpc-port: needs grpcio and tritonclient[grpc] ({exc}); "
+                             "pip install 'wmdeploy[grpc]'") from None
+        preflight(config.host, config.grpc_port)
     app = create_app(config)
     # uvicorn re-raises a captured SIGTERM once it has shut down, so that the default action (exit status
     # 143) follows; a handler of our own is what it restores and re-raises into, so a drained, persisted

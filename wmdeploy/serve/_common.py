@@ -15,10 +15,12 @@ from ..contract import StreamingSpec
 from ..errors import CapacityError, InputError, SnapshotError, SpecError, WmdeployError
 from . import kserve
 from ._asgi import OWNER
-from .batcher import Batcher, EngineFailed, EngineRejected
+from .batcher import Batcher
+from .jobs import EngineFailed, EngineRejected, NotApplied, TimedOut
 from .metrics import Metrics
 from .persist import PersistError
 from .sessions import SessionExists, SessionTable, UnknownSession, scoped
+from .store import StoreConflict
 from .validate import Overloaded, StepCheck, TooLarge
 
 
@@ -35,8 +37,9 @@ _TABLE: tuple[tuple[type[BaseException], int, str], ...] = (
     (TooLarge, 413, "too_large"), (EngineRejected, 400, "engine_rejected"), (kserve.KServeError, 400, "invalid_input"),
     (InputError, 400, "invalid_input"), (SnapshotError, 400, "bad_snapshot"), (SpecError, 400, "invalid_input"),
     (NotStateful, 400, "no_sequence"), (UnknownSession, 404, "unknown_session"), (ModelNotFound, 404, "unknown_model"),
-    (SessionExists, 409, "session_exists"), (CapacityError, 429, "capacity"), (Overloaded, 503, "overloaded"),
-    (PersistError, 503, "persist"), (EngineFailed, 500, "engine"))
+    (SessionExists, 409, "session_exists"), (StoreConflict, 409, "store_conflict"), (CapacityError, 429, "capacity"), (Overloaded, 503, "overloaded"),
+    (PersistError, 503, "persist"), (TimedOut, 503, "timeout"), (NotApplied, 409, "not_applied"),
+    (EngineFailed, 500, "engine"))
 
 
 def classify(exc: BaseException, path: str = "") -> tuple[int, str]:

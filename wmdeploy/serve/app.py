@@ -23,10 +23,12 @@ from ..streaming import Model, load
 from . import kserve
 from ._asgi import Guard
 from ._common import Ctx, ModelNotFound, NotStateful, classify, client_key, one_line
-from .batcher import Batcher, StepJob
+from .batcher import Batcher
+from .jobs import StepJob
 from .generation_ws import register_generation
 from .metrics import Metrics
-from .persist import StateLog
+from .persist import PersistError
+from .store import LocalStore, SessionStore
 from .session_api import register_session_api
 from .sessions import SessionTable
 from .validate import StepCheck, resolve_max_chunk
@@ -46,13 +48,18 @@ class ServeConfig:
     batch_window_ms: float = 2.0
     max_sessions: int = 256
     session_ttl: float | None = None
-    persist: Path | None = None
+    persist: Path | str | None = None  # a directory, or redis://HOST:PORT/DB shared by replicas
     api_keys: tuple[str, ...] = ()
     backend: str = "auto"
+    backend_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"precision": "bf16"} for openvino
     threads: int | None = None
     max_request_bytes: int = 64 << 20
     max_chunk: int | None = None  # None: the model's meta.max_chunk, else 4096 (see validate.resolve_max_chunk)
     max_queue: int | None = None  # steps waiting for the engine; None: 4 x max_sessions (503 beyond)
+    request_timeout: float = 60.0  # the longest a request waits for the engine (503 beyond): nothing hangs
+    persist_ttl: float | None = None  # --persist: delete sessions this many seconds without a step; None: keep
+    max_generate_tokens: int = 4096  # max_tokens of one generation request (413 beyond)
+    grpc_port: int | None = None  # KServe v2 over gRPC beside HTTP (0: a free port); None: HTTP only
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +76,16 @@ class ServeConfig:
             raise bad("--batch-window-ms", self.batch_window_ms, "a number of milliseconds in [0, 60000]")
         if self.session_ttl is not None and not (math.isfinite(self.session_ttl) and self.session_ttl > 0):
             raise bad("--session-ttl", self.session_ttl, "a positive, finite number of seconds")
+        if self.grpc_port is not None and (not isinstance(self.grpc_port, int) or not 0 <= self.grpc_port < 65536):
+            raise bad("--grpc-port", self.grpc_port, "a port number in [0, 65535]")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise bad("--grpc-port", self.grpc_port, "another port than --port's")
+        for flag, value in (("--request-timeout", self.request_timeout), ("--persist-ttl", self.persist_ttl)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not (math.isfinite(value) and value > 0)):
+                raise bad(flag, value, "a positive, finite number of seconds")
+        if not isinstance(self.max_generate_tokens, int) or self.max_generate_tokens < 1:
+            raise bad("--max-generate-tokens", self.max_generate_tokens, "a positive integer")
         for flag, value in (("--max-chunk", self.max_chunk), ("--max-queue", self.max_queue)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise bad(flag, value, "a positive integer")
@@ -81,15 +98,38 @@ class ServeConfig:
         return self.name or Path(self.model).stem
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _is_redis_url(persist: str | Path) -> bool:
+    return str(persist).startswith(REDIS_SCHEMES)
+
+
+def open_store(persist: str | Path, namespace: str, ttl_s: float | None = None) -> SessionStore:
+    """``--persist``: a Redis URL (shared by replicas of model ``namespace``) or a directory (this process).
+
+    ``ttl_s`` (``--persist-ttl``): Redis expires idle sessions by itself (PEXPIRE on every write); the local
+    log is swept by the engine thread (``StateLog.expire``)."""
+    if _is_redis_url(persist):
+        try:
+            from .redis_store import RedisStore  # noqa: PLC0415  (the redis client is an extra)
+        except ImportError:
+            raise PersistError("--persist redis://...: needs the redis client: pip install 'wmdeploy[redis]'") from None
+        return RedisStore(str(persist), namespace, ttl_s=ttl_s)
+    return LocalStore(Path(persist))
+
+
 def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
     """Load the model, open ``--persist``, start the engine thread, and return the ASGI app."""
-    model = model or load(config.model, backend=config.backend, threads=config.threads)
+    model = model or load(config.model, backend=config.backend, threads=config.threads, **config.backend_options)
     spec, name = model.spec, config.model_name
     metrics = Metrics()
-    state_log = StateLog(config.persist) if config.persist is not None else None
+    # a directory (this process's log) or redis://HOST:PORT/DB (shared by replicas of this model name)
+    state_log = open_store(config.persist, name, ttl_s=config.persist_ttl) if config.persist is not None else None
     table = SessionTable(model, config.max_sessions, config.session_ttl, state_log, metrics)
     batcher = Batcher(table, config.max_batch, config.batch_window_ms / 1e3,
-                      config.max_queue or 4 * config.max_sessions)
+                      config.max_queue or 4 * config.max_sessions, deadline_s=config.request_timeout,
+                      persist_ttl=config.persist_ttl if config.persist is not None else None)
     max_chunk = resolve_max_chunk(spec, config.max_chunk)
     ctx = Ctx(spec, batcher, table, StepCheck(spec, max_chunk), metrics)
     metrics.gauge("wmdeploy_live_sessions", "sessions resident in memory (pool streams)", lambda: len(table.pool))
@@ -98,16 +138,33 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
     metrics.gauge("wmdeploy_persisted_only_sessions", "sessions held only in --persist (evicted or from before a "
                   "restart)", table.count_on_disk)
     metrics.gauge("wmdeploy_max_sessions", "--max-sessions", lambda: config.max_sessions)
+    # The arena grows with the resident sessions (x2) and shrinks when most slots stay empty; these show it
+    metrics.gauge("wmdeploy_arena_slots", "state arena slots allocated (>= live sessions; "
+                  "--max-sessions is only their limit)", lambda: table.pool.allocated)
+    metrics.gauge("wmdeploy_arena_bytes", "bytes of state memory the arena holds (ping and pong buffers)",
+                  lambda: table.pool.nbytes)
     metrics.gauge("wmdeploy_queued_steps", "steps waiting for the engine thread", batcher.queued)
     batcher.start()
     log.info("serving", extra={"event": "start", "model": str(config.model), "model_name": name,
-                               "backend": model.backend_name, "persisted_sessions": len(table.keys()),
+                               "backend": model.backend_name, "persisted_sessions": table.count_persisted(),
                                "max_batch": config.max_batch, "window_ms": config.batch_window_ms,
                                "max_chunk": max_chunk, "host": config.host, "api_keys": len(config.api_keys)})
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        grpc_server = None
+        if config.grpc_port is not None:  # on this loop, into the same batcher: gRPC and HTTP batch together
+            from .grpc_service import InferenceService, start_grpc  # noqa: PLC0415  (the [grpc] extra)
+
+            service = InferenceService(ctx, name, kserve.model_config(
+                name, spec, max_batch=config.max_batch, window_ms=config.batch_window_ms, ttl=config.session_ttl,
+                max_sessions=config.max_sessions), config.api_keys)
+            grpc_server, app.state.grpc_port = await start_grpc(service, config.host, config.grpc_port,
+                                                                config.max_request_bytes)
+            log.info("grpc", extra={"event": "grpc_start", "host": config.host, "grpc_port": app.state.grpc_port})
         yield
+        if grpc_server is not None:  # HTTP is drained; in-flight gRPC calls get 10 s, then are cancelled
+            await grpc_server.stop(10)
         # uvicorn runs this after its graceful shutdown has answered the in-flight requests: the engine
         # thread finishes whatever is still queued (WebSocket chunks), every step is already in the log
         # (fsynced before it was answered), so closing the log is all that is left to persist
@@ -203,7 +260,7 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
         return Response(body, headers=headers)
 
     register_session_api(app, ctx)
-    register_generation(app, ctx, model)
+    register_generation(app, ctx, model, config.max_generate_tokens)
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def prometheus() -> PlainTextResponse:

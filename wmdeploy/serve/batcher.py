@@ -21,6 +21,16 @@ the engine refuses fails, and the others are answered as if it had never been th
 
 The queue is bounded (``max_queue`` jobs, 503 beyond): a flood of pipelined WebSocket chunks or clients
 cannot grow the server's memory without limit.
+
+Faults never hang a request: any exception inside a batch (the store, a bug) fails that batch's requests
+(503 for the store, 500 naming the cause otherwise) and the engine goes on with the next batch; a request
+waits at most ``deadline_s`` (``--request-timeout``) for its answer; and once the engine thread has stopped,
+whatever is still queued is answered (503) instead of being left waiting.
+
+A :class:`Gate` ties the steps of one WebSocket (or one generation) together, so that what reaches the
+memory is always a *prefix* of what the client sent: the engine checks the gate as it takes each step, in
+the session's order, so once the gate is closed (the client left, a step timed out, a step failed for a
+reason other than its input) none of the later steps runs.
 """
 from __future__ import annotations
 
@@ -30,14 +40,16 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError, WmdeployError
+from .._inputs import engine_blame
+from ..errors import WmdeployError
+from .jobs import CallJob, EngineFailed, EngineRejected, Gate, NotApplied, StepJob, StepResult, TimedOut
 from .persist import PersistError
 from .sessions import Session, SessionTable, display
+from .store import RETRIES, StoreConflict
 from .validate import Overloaded
 
 log = logging.getLogger("wmdeploy.serve")
@@ -46,49 +58,19 @@ ACTIVE_S = 0.5  # a session that stepped this recently is expected to step again
 _STOP = object()  # the stop marker (None means "nothing arrived in time" in the gathering loop)
 
 
-class EngineRejected(InputError):
-    """The engine failed on this step alone while others in its batch succeeded: its input is the cause."""
-
-
-class EngineFailed(WmdeployError):
-    """The engine failed on a step for no reason that the input shows (answered 500)."""
-
-
-@dataclass
-class StepJob:
-    key: str
-    feeds: dict[str, np.ndarray]
-    start: bool = False  # Triton sequence_start: the initial state first
-    end: bool = False  # Triton sequence_end: free the session after the step
-    what: str = "session"  # how errors name the key ("session" or "sequence")
-    want_states: tuple[str, ...] = ()  # state output names to return (Triton: only when asked)
-    future: cf.Future = field(default_factory=cf.Future)
-    queued_at: float = 0.0  # perf_counter() when queued, for the queue-time histogram
-
-
-@dataclass
-class StepResult:
-    outputs: dict[str, np.ndarray]
-    states: dict[str, np.ndarray]
-    steps: int
-
-
-@dataclass
-class CallJob:
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    future: cf.Future = field(default_factory=cf.Future)
-
-
 class Batcher:
     def __init__(self, table: SessionTable, max_batch: int = 64, window_s: float = 0.002,
-                 max_queue: int = 4096) -> None:
+                 max_queue: int = 4096, deadline_s: float = 60.0, persist_ttl: float | None = None) -> None:
         self.table, self.max_batch, self.window_s = table, max(1, max_batch), max(0.0, window_s)
         self.metrics, self.max_queue = table.metrics, max(1, max_queue)
+        self.deadline_s, self.persist_ttl = deadline_s, persist_ttl
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._held: StepJob | CallJob | None = None
         self._thread = threading.Thread(target=self._loop, name="wmdeploy-engine", daemon=True)
         self._stopping = False
+        self._closed = False  # the engine thread is gone: nothing queued from now on would ever run
+        self._put_lock = threading.Lock()  # a put and the close above never interleave (no orphaned job)
+        self._expire_after = 0.0  # monotonic time of the next persisted-session expiry pass
         self._engine_ok = False  # the engine has run a step: a later lone failure is that step's input
         self._state_of = {s.output: s.name for s in table.model.spec.states}
 
@@ -101,6 +83,8 @@ class Batcher:
         self._stopping = True
         self._q.put(_STOP)
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self._close_queue()
 
     def queued(self) -> int:
         return self._q.qsize()
@@ -118,17 +102,47 @@ class Batcher:
         if self._q.qsize() >= self.max_queue:
             raise Overloaded(f"server: {self.max_queue} steps are already queued; retry later")
         job.queued_at = time.perf_counter()
-        self._q.put(job)
+        self._put(job)
         return job.future
 
+    def _put(self, job: StepJob | CallJob) -> None:
+        with self._put_lock:
+            if self._closed or self._stopping:
+                raise Overloaded("server: the engine is not running (shutting down); retry later")
+            self._q.put(job)
+
     async def step(self, job: StepJob) -> StepResult:
-        return await self.submit(job)
+        return await self.wait(self.enqueue(job), job.gate)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the engine thread, in order with the steps (session table operations)."""
         job = CallJob(fn, args)
-        self._q.put(job)
-        return await asyncio.wrap_future(job.future)
+        self._put(job)
+        return await self.wait(job.future)
+
+    async def wait(self, fut: cf.Future, gate: Gate | None = None) -> Any:
+        """The job's result, or :class:`TimedOut` after ``deadline_s``: no request waits forever."""
+        afut = asyncio.wrap_future(fut)
+        done, _ = await asyncio.wait({afut}, timeout=self.deadline_s)
+        if done:
+            return afut.result()
+        raise self._timed_out(fut, gate)
+
+    def result(self, fut: cf.Future, gate: Gate | None = None) -> Any:
+        """:meth:`wait` for a worker thread (the generation loop)."""
+        try:
+            return fut.result(timeout=self.deadline_s)
+        except cf.TimeoutError:
+            raise self._timed_out(fut, gate) from None
+
+    def _timed_out(self, fut: cf.Future, gate: Gate | None) -> TimedOut:
+        # the gate first: were the job cancelled first, the engine could skip it and run the next one
+        if gate is not None:
+            gate.close(f"an earlier step got no answer within {self.deadline_s:g} s", failed=True)
+        not_run = fut.cancel()  # only succeeds while the engine has not taken the job
+        what = ("it was not applied" if not_run else
+                "it was running and may have been applied (GET /v1/sessions/{id} shows the step count)")
+        return TimedOut(f"server: no answer from the engine within {self.deadline_s:g} s (--request-timeout); {what}")
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _next(self, timeout: float | None) -> Any:
@@ -141,33 +155,102 @@ class Batcher:
             return None
 
     def _loop(self) -> None:
-        last_sweep = time.monotonic()
-        while True:
-            job = self._next(_SWEEP_EVERY_S if self.table.ttl is not None else None)
-            if time.monotonic() - last_sweep >= _SWEEP_EVERY_S:
-                last_sweep = time.monotonic()
-                self._guard(self.table.sweep)
-            if job is _STOP:
-                return  # every job queued before stop() has been run: FIFO
-            if job is None:
-                continue
-            if isinstance(job, CallJob):
-                self._run_call(job)
-                continue
-            batch = {job.key: job}
-            deadline = time.monotonic() + self.window_s
-            expect = self.table.active_count(ACTIVE_S)
-            while len(batch) < self.max_batch and len(batch) < expect:
-                nxt = self._next(deadline - time.monotonic())
-                if nxt is None:
-                    if self.window_s == 0 or time.monotonic() >= deadline:
-                        break
+        try:
+            last_sweep = time.monotonic()
+            while True:
+                sweeps = self.table.ttl is not None or self.persist_ttl is not None
+                job = self._next(_SWEEP_EVERY_S if sweeps else None)
+                if time.monotonic() - last_sweep >= _SWEEP_EVERY_S:
+                    last_sweep = time.monotonic()
+                    self._guard(self.table.sweep)
+                    self._guard(self._expire)
+                if job is _STOP:
+                    return  # every job queued before stop() has been run: FIFO
+                if job is None:
                     continue
-                if nxt is _STOP or isinstance(nxt, CallJob) or nxt.key in batch:
-                    self._held = nxt  # keeps per-session order (and the stop marker): after this batch
+                if isinstance(job, CallJob):
+                    self._run_call(job)
+                    continue
+                batch = self._gather(job)
+                try:
+                    self._run_batch(batch)
+                except Exception as exc:  # noqa: BLE001  (one bad batch must not stop the engine)
+                    self._batch_failed(batch, exc)
+        finally:
+            self._close_queue()  # also when something escaped above: nobody is left waiting
+
+    def _gather(self, job: StepJob) -> list[StepJob]:
+        batch = {job.key: job}
+        deadline = time.monotonic() + self.window_s
+        expect = self.table.active_count(ACTIVE_S)
+        while len(batch) < self.max_batch and len(batch) < expect:
+            nxt = self._next(deadline - time.monotonic())
+            if nxt is None:
+                if self.window_s == 0 or time.monotonic() >= deadline:
                     break
-                batch[nxt.key] = nxt
-            self._run_batch(list(batch.values()))
+                continue
+            if nxt is _STOP or isinstance(nxt, CallJob) or nxt.key in batch:
+                self._held = nxt  # keeps per-session order (and the stop marker): after this batch
+                break
+            batch[nxt.key] = nxt
+        return list(batch.values())
+
+    def _close_queue(self) -> None:
+        """The engine thread is gone: answer whatever is still queued (or queued from now on: refused)."""
+        with self._put_lock:
+            self._closed = True
+        gone = Overloaded("server: the engine stopped before this step ran (shutting down); retry later")
+        held, self._held = self._held, None
+        pending = [held] if held is not None else []
+        while True:
+            try:
+                pending.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        for job in pending:
+            if isinstance(job, (StepJob, CallJob)) and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(gone)
+
+    def _fail(self, job: StepJob, exc: BaseException) -> None:
+        """Answer ``job`` with ``exc``; a failure that is not its input's closes its gate (prefix rule)."""
+        if job.gate is not None and not isinstance(exc, EngineRejected):
+            job.gate.close(f"an earlier step failed ({type(exc).__name__}: {exc})", failed=True)
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _batch_failed(self, jobs: list[StepJob], exc: Exception) -> None:
+        """Something unexpected raised inside a batch: fail its unanswered requests, keep the engine going."""
+        log.error("batch failed", exc_info=exc, extra={"event": "batch_error", "error": str(exc)})
+        if isinstance(exc, PersistError):
+            err: WmdeployError = exc
+        else:
+            err = EngineFailed(f"server: this batch failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        for job in jobs:
+            if not job.future.done():
+                if self.table.log is not None:  # its memory may be ahead of the store: use the durable one
+                    self._guard(lambda key=job.key: self.table.drop_resident(key))
+                self._fail(job, err)
+
+    def _expire(self) -> None:
+        """Delete persisted sessions idle past ``persist_ttl`` (``--persist-ttl``), resident or not."""
+        store = self.table.log
+        expire = getattr(store, "expire", None)
+        if self.persist_ttl is None or expire is None or time.monotonic() < self._expire_after:
+            return
+        try:
+            keys = expire(time.time() - self.persist_ttl)
+        except Exception as exc:  # noqa: BLE001  (a full disk: try again later, keep serving)
+            self._expire_after = time.monotonic() + 5.0
+            log.warning("expiry failed", extra={"event": "expire_error", "error": str(exc)})
+            return
+        for key in keys:
+            self.table.drop_resident(key)
+            self.table.forgotten[key] = f"expired after {self.persist_ttl:g} s without a step (--persist-ttl)"
+        while len(self.table.forgotten) > 10_000:
+            self.table.forgotten.popitem(last=False)
+        if keys:
+            self.metrics.expired(len(keys))
+            log.info("expired", extra={"event": "expire", "sessions": len(keys)})
 
     def _guard(self, fn: Callable[[], Any]) -> None:
         try:
@@ -186,17 +269,26 @@ class Batcher:
     def _run_batch(self, jobs: list[StepJob]) -> None:
         table = self.table
         now = time.perf_counter()
-        # a step whose awaiting request was cancelled (a WebSocket closed with chunks in flight) is not run:
-        # nobody would learn its result; after this call the future can no longer be cancelled
-        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-        self.metrics.queued([now - j.queued_at for j in jobs])
+        # a step whose awaiting request was cancelled (it timed out) is not run: nobody would learn its result;
+        # after set_running the future can no longer be cancelled. A step of a closed gate is not run either:
+        # its gate is checked here, in the session's order, so what runs of a WebSocket is a prefix of it
+        taken = []
+        for j in jobs:
+            if not j.attempts and not j.future.set_running_or_notify_cancel():  # a redo is running already
+                continue
+            if j.gate is not None and j.gate.closed:
+                j.future.set_exception(NotApplied(f"{j.what} '{display(j.key)}': not applied: {j.gate.reason}"))
+                continue
+            taken.append(j)
+        jobs = taken
+        self.metrics.queued([now - j.queued_at for j in jobs if not j.attempts])
         busy = {j.key for j in jobs}
         groups: dict[tuple[Any, ...], list[tuple[StepJob, Session]]] = {}
         for job in jobs:  # open / restore / restart every session; a failure fails only its own job
             try:
                 sess = table.start(job.key, busy) if job.start else table.resident(job.key, job.what, busy)
-            except BaseException as exc:  # noqa: BLE001
-                job.future.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(job, exc)
                 continue
             # one engine call per shape (as StreamPool.step would), so that a failure is one group's
             groups.setdefault(tuple(a.shape for a in job.feeds.values()), []).append((job, sess))
@@ -222,8 +314,7 @@ class Batcher:
                 log.warning("engine step failed", extra={"event": "engine_error", "session": display(job.key),
                                                          "error": str(exc)})
                 # inputs passed the spec's checks and the engine runs other steps: this input is the cause
-                cls = EngineRejected if self._engine_ok else EngineFailed
-                job.future.set_exception(cls(f"{job.what} '{display(job.key)}': the engine refused this step: {exc}"))
+                self._fail(job, self._refused(job, exc))
                 return
             self.metrics.error("engine_retry")
             before = len(done)
@@ -235,11 +326,16 @@ class Batcher:
                     alone.append((job, one))
             self._engine_ok = self._engine_ok or len(done) > before
             for job, one in alone:
-                cls = EngineRejected if self._engine_ok else EngineFailed
-                job.future.set_exception(cls(f"{job.what} '{display(job.key)}': the engine refused this step: {one}"))
+                self._fail(job, self._refused(job, one))
             return
         self._engine_ok = True
         done.extend((job, sess, outs[sess.sid]) for job, sess in members)
+
+    def _refused(self, job: "StepJob", exc: BaseException) -> WmdeployError:
+        """A step the engine failed alone: a 400 naming the input when the engine's message blames one or the engine ran others; else 500."""
+        blame = engine_blame(self.table.pool.spec, exc)
+        return (EngineRejected if self._engine_ok or blame else EngineFailed)(
+            f"{job.what} '{display(job.key)}': {blame + ': ' if blame else ''}the engine refused this step: {exc}")
 
     def _finish(self, done: list[tuple[StepJob, Session, dict[str, np.ndarray]]], compute_s: float) -> None:
         table, pool = self.table, self.table.pool
@@ -255,20 +351,45 @@ class Batcher:
             results.append((job, StepResult(outs, states, sess.steps)))
             if table.log is not None:
                 records.append((job.key, None if job.end else pool.snapshot(sess.sid)))
-        persist_s = None
+        persist_s, stale, redo = None, set[str](), list[StepJob]()
         if table.log is not None:
             t1 = time.perf_counter()
-            try:
-                table.log.append(records)  # one write + one fsync for the whole batch, before any answer
-            except PersistError as exc:
+            try:  # one write + one fsync (or one Redis round trip) for the whole batch, before any answer
+                stale = table.log.append(records) or set()
+            except Exception as exc:  # noqa: BLE001  (any store failure: a full disk, a lost connection)
+                err = exc if isinstance(exc, PersistError) else PersistError(
+                    f"state store: cannot write ({type(exc).__name__}: {' '.join(str(exc).split())})")
                 for job, _, _ in done:  # not durable, so not applied: fall back to the last durable state
                     table.drop_resident(job.key)
-                    job.future.set_exception(exc)
+                    self._fail(job, err)
                 return
             persist_s = time.perf_counter() - t1
+        engine_batch = len(done)
+        if stale:  # a shared store refused these: another replica stepped them first, so not applied here
+            redo = [job for job, _, _ in done if job.key in stale]
+            done = [d for d in done if d[0].key not in stale]
+            results = [r for r in results if r[0].key not in stale]
         for job, _, _ in done:
             if job.end:  # Triton sequence_end: the sequence's memory is freed after its last step
                 table.drop_resident(job.key)
-        self.metrics.batch(len(done), compute_s, persist_s)
+        self.metrics.batch(engine_batch, compute_s, persist_s)
         for job, result in results:
             job.future.set_result(result)
+        if stale:
+            self._redo(redo)
+
+    def _redo(self, jobs: list[StepJob]) -> None:
+        """Redo steps that a shared store refused, at once (before anything queued after them, so each
+        session keeps its order), on the latest state: the refusal carried it. 409 after RETRIES tries."""
+        again = []
+        for job in jobs:
+            self.metrics.error("store_retry")
+            self.table.drop_resident(job.key)
+            job.attempts += 1
+            if job.attempts > RETRIES:
+                self._fail(job, StoreConflict(f"{job.what} '{display(job.key)}': other replicas stepped it at the "
+                                              f"same time {RETRIES} times in a row; retry"))
+            else:
+                again.append(job)
+        if again:
+            self._run_batch(again)

@@ -8,12 +8,20 @@ sampled token go into the session's working memory, so the next message continue
 The loop (:func:`wmdeploy.generation.generate`) runs in a worker thread on a :class:`SessionStream`,
 whose every step is an ordinary step job: it is batched with the other sessions' steps by the engine
 thread, exactly like a step from the session API.
+
+Bounded, whatever the client does: ``max_tokens`` above ``--max-generate-tokens`` is refused (413's
+kind, ``too_large``); the worker may run at most ``OUTBOX`` messages ahead of the socket and otherwise
+waits for the client to read (backpressure: a slow or silent client costs a few messages of memory and
+no engine time); a client that reads nothing for ``--request-timeout`` seconds is dropped. Every step
+carries the connection's :class:`~.batcher.Gate`: when the socket closes, no later step runs, so the
+memory holds the prompt and the sampled tokens up to some point, never more than was generated.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -22,8 +30,12 @@ from ..errors import InputError, WmdeployError
 from ..generation import generate, language_model_info
 from ..streaming import Model
 from ._common import Ctx, classify, client_key, one_line
-from .batcher import Batcher, StepJob
-from .validate import StepCheck
+from .batcher import Batcher
+from .jobs import Gate, StepJob
+from .validate import StepCheck, TooLarge
+
+OUTBOX = 32  # messages the worker may run ahead of the socket (then it waits: backpressure)
+WORKERS = 32  # generations running at once (each holds a thread that mostly waits for the engine)
 
 
 class SessionStream:
@@ -31,14 +43,16 @@ class SessionStream:
 
     batch = 1
 
-    def __init__(self, batcher: Batcher, key: str, model: Model, check: StepCheck) -> None:
+    def __init__(self, batcher: Batcher, key: str, model: Model, check: StepCheck, gate: Gate | None = None) -> None:
         self.batcher, self.key, self.model, self.spec, self.check = batcher, key, model, model.spec, check
+        self.gate = gate
 
     def step(self, **inputs: Any) -> dict[str, Any]:
-        return self.batcher.enqueue(StepJob(self.key, self.check(inputs))).result().outputs
+        job = StepJob(self.key, self.check(inputs), gate=self.gate)
+        return self.batcher.result(self.batcher.enqueue(job), self.gate).outputs
 
 
-def _options(body: Any) -> dict[str, Any]:
+def _options(body: Any, max_tokens: int | None = None) -> dict[str, Any]:
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
         raise InputError('message: expected {"prompt": "text", ...} with optional max_tokens, temperature, '
                          "top_k, top_p, seed")
@@ -57,11 +71,15 @@ def _options(body: Any) -> dict[str, Any]:
                 raise InputError(f"message field '{key}': expected a finite number, got {body[key]!r}") from None
     if options.get("seed", 0) < 0:
         raise InputError(f"message field 'seed': expected a non-negative integer, got {options['seed']}")
+    if max_tokens is not None and options.get("max_tokens", 100) > max_tokens:
+        raise TooLarge(f"message field 'max_tokens': {options['max_tokens']}, the limit is {max_tokens} "
+                       "(--max-generate-tokens)")
     return options
 
 
-def register_generation(app: FastAPI, ctx: Ctx, model: Model) -> None:
+def register_generation(app: FastAPI, ctx: Ctx, model: Model, max_tokens: int | None = None) -> None:
     batcher, table = ctx.batcher, ctx.table
+    workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="wmdeploy-generate")
 
     @app.websocket("/v1/sessions/{sid}/generate")
     async def generate_on_session(ws: WebSocket, sid: str) -> None:
@@ -77,11 +95,25 @@ def register_generation(app: FastAPI, ctx: Ctx, model: Model) -> None:
             await ws.close(code=4404 if code == 404 else 4400)
             return
         loop = asyncio.get_running_loop()
-        gone = threading.Event()  # the client left: the worker stops sampling (it would step the session on)
+        gate = Gate()  # closed when the client leaves: the worker's next step does not run, and it stops
         try:
             while True:
                 text = await ws.receive_text()
                 queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+                credits = threading.Semaphore(OUTBOX)  # one per message not yet sent to the socket
+
+                def emit(message: dict[str, Any]) -> bool:
+                    """Hand a message to the socket; wait while OUTBOX are unsent (False: give up)."""
+                    waited = 0.0
+                    while not credits.acquire(timeout=0.25):
+                        waited += 0.25
+                        if gate.closed:
+                            return False
+                        if waited >= batcher.deadline_s:  # the client has read nothing for that long
+                            gate.close("the client stopped reading", failed=True)
+                            return False
+                    loop.call_soon_threadsafe(queue.put_nowait, message)
+                    return True
 
                 def work(text: str = text) -> None:
                     try:
@@ -89,29 +121,33 @@ def register_generation(app: FastAPI, ctx: Ctx, model: Model) -> None:
                             body = json.loads(text)
                         except (json.JSONDecodeError, RecursionError) as exc:
                             raise InputError(f"message: not valid JSON ({exc})") from None
-                        options = _options(body)
-                        run = generate(SessionStream(batcher, key, model, ctx.check), body["prompt"], **options)
+                        options = _options(body, max_tokens)
+                        stream = SessionStream(batcher, key, model, ctx.check, gate)
+                        run = generate(stream, body["prompt"], **options)
                         for piece in run:
-                            if gone.is_set():
+                            if gate.closed or not emit({"text": piece, "token": run.tokens[-1]}):
                                 return
-                            loop.call_soon_threadsafe(queue.put_nowait, {"text": piece, "token": run.tokens[-1]})
-                        loop.call_soon_threadsafe(queue.put_nowait, {"done": True, "tokens": run.tokens,
-                                                                     "stats": run.stats.to_dict()})
+                        emit({"done": True, "tokens": run.tokens, "stats": run.stats.to_dict()})
                     except WmdeployError as exc:
                         ctx.metrics.error(classify(exc)[1])
-                        loop.call_soon_threadsafe(queue.put_nowait, {"error": one_line(exc)})
+                        emit({"error": one_line(exc)})
                     except Exception as exc:  # noqa: BLE001  (answered, never a socket left waiting forever)
                         ctx.metrics.error("internal")
-                        loop.call_soon_threadsafe(queue.put_nowait, {"error": f"internal error: {one_line(exc)}"})
+                        emit({"error": f"internal error: {one_line(exc)}"})
+                    finally:
+                        loop.call_soon_threadsafe(queue.put_nowait, {})  # the end marker, never withheld
 
-                worker = loop.run_in_executor(None, work)
+                worker = loop.run_in_executor(workers, work)
                 while True:
                     message = await queue.get()
-                    await ws.send_json(message)
-                    if "done" in message or "error" in message:
+                    if not message:
                         break
+                    credits.release()
+                    await asyncio.wait_for(ws.send_json(message), batcher.deadline_s)
                 await worker
-        except WebSocketDisconnect:
+                if gate.closed:
+                    break  # the client stopped reading: drop the connection
+        except (WebSocketDisconnect, asyncio.TimeoutError):
             pass
         finally:
-            gone.set()
+            gate.close("the WebSocket closed")

@@ -78,45 +78,78 @@ def _sequence_key(params: dict[str, Any]) -> str | None:
     return None if sid in (0, "") else str(sid)
 
 
-def _tensor(spec: StreamingSpec, entry: Any, binary: memoryview, pos: int) -> tuple[str, np.ndarray, int]:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise KServeError(f"inputs: each entry must be an object with a 'name', got {str(entry)[:80]}")
-    name = entry["name"]
+def check_header(spec: StreamingSpec, name: str, shape: Any, datatype: Any) -> Any:
+    """The spec's input ``name`` (a :class:`~wmdeploy.contract.TensorSpec`) once the header's name, shape
+    and datatype are valid."""
     want = next((t for t in spec.inputs if t.name == name), None)
     if want is None:
         raise KServeError(f"input '{name}': unknown; expected {sorted(t.name for t in spec.inputs)}")
-    shape, datatype = entry.get("shape"), entry.get("datatype")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise KServeError(f"input '{name}': shape {shape!r}, expected a list of non-negative integers")
     if datatype != TO_KSERVE[want.dtype]:
         raise KServeError(f"input '{name}': datatype {datatype!r}, expected {TO_KSERVE[want.dtype]!r}")
+    return want
+
+
+def decode_tensor(spec: StreamingSpec, name: str, shape: Any, datatype: Any, *, raw: Any = None,
+                  data: Any = None, what: str = "'data'") -> np.ndarray:
+    """One input tensor from its header and either ``raw`` (little-endian bytes, exactly the tensor's size)
+    or ``data`` (values, flat or nested); ``what`` names where they came from in messages. HTTP (JSON and
+    binary) and gRPC (``raw_input_contents`` and typed ``contents``) both decode through here."""
+    want = check_header(spec, name, shape, datatype)
     dtype, count = _LE[want.dtype], prod(shape)
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise KServeError(f"input '{name}': {what}: {len(raw)} bytes, expected {count * dtype.itemsize} "
+                              f"({datatype} x shape {shape})")
+        return np.frombuffer(raw, dtype=dtype, count=count).astype(want.np_dtype).reshape(shape)
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise KServeError(f"input '{name}': {what} is not a regular array ({exc})") from None
+    if arr.size and arr.dtype.kind not in {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}[want.np_dtype.kind]:
+        raise KServeError(f"input '{name}': {what} holds {arr.dtype} values, expected {datatype}")
+    if arr.size != count:
+        raise KServeError(f"input '{name}': {what} has {arr.size} elements, shape {shape} needs {count}")
+    try:
+        return arr.astype(want.np_dtype).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise KServeError(f"input '{name}': values do not fit {datatype} ({exc})") from None
+
+
+def _tensor(spec: StreamingSpec, entry: Any, binary: memoryview, pos: int) -> tuple[str, np.ndarray, int]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise KServeError(f"inputs: each entry must be an object with a 'name', got {str(entry)[:80]}")
+    name, shape, datatype = entry["name"], entry.get("shape"), entry.get("datatype")
     params = entry.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
-        if not isinstance(size, int) or size != count * dtype.itemsize:
-            raise KServeError(f"input '{name}': binary_data_size {size!r}, expected {count * dtype.itemsize} "
-                              f"({datatype} x shape {shape})")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise KServeError(f"input '{name}': binary_data_size {size!r}, expected a byte count")
         if pos + size > len(binary):
             raise KServeError(f"input '{name}': binary data runs past the end of the body "
                               f"({len(binary) - pos} bytes left, {size} needed)")
-        arr = np.frombuffer(binary, dtype=dtype, count=count, offset=pos).astype(want.np_dtype).reshape(shape)
-        return name, arr, pos + size
+        raw = binary[pos:pos + size]
+        return name, decode_tensor(spec, name, shape, datatype, raw=raw, what="binary_data_size"), pos + size
     if "data" not in entry:
+        check_header(spec, name, shape, datatype)  # its errors first (unknown, dtype, shape)
         raise KServeError(f"input '{name}': no 'data' and no parameters.binary_data_size")
+    return name, decode_tensor(spec, name, shape, datatype, data=entry["data"]), pos
+
+
+def checked_feeds(inputs: dict[str, np.ndarray], check: Check) -> dict[str, np.ndarray]:
+    """``check`` (:class:`~.validate.StepCheck`) the decoded inputs of one sequence's request."""
     try:
-        raw = np.asarray(entry["data"])
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise KServeError(f"input '{name}': 'data' is not a regular array ({exc})") from None
-    if raw.size and raw.dtype.kind not in {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}[want.np_dtype.kind]:
-        raise KServeError(f"input '{name}': 'data' holds {raw.dtype} values, expected {datatype}")
-    if raw.size != count:
-        raise KServeError(f"input '{name}': 'data' has {raw.size} elements, shape {shape} needs {count}")
-    try:
-        arr = raw.astype(want.np_dtype).reshape(shape)
-    except (OverflowError, ValueError) as exc:
-        raise KServeError(f"input '{name}': values do not fit {datatype} ({exc})") from None
-    return name, arr, pos
+        return check(inputs)
+    except TooLarge:
+        raise
+    except InputError as exc:
+        raise KServeError(f"{exc} (one sequence per request: the '{BATCH}' axis is 1)") from None
+
+
+def output_names(spec: StreamingSpec) -> list[str]:
+    """What a request may ask for: the data outputs, then the state outputs (returned only when asked)."""
+    return [t.name for t in spec.outputs] + [s.output for s in spec.states]
 
 
 def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None, check: Check) -> InferRequest:
@@ -145,17 +178,12 @@ def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None, 
         inputs[name] = arr
     if pos != len(binary):
         raise KServeError(f"request body: {len(binary) - pos} bytes of binary data that no input claims")
-    try:
-        feeds = check(inputs)
-    except TooLarge:
-        raise
-    except InputError as exc:
-        raise KServeError(f"{exc} (one sequence per request: the '{BATCH}' axis is 1)") from None
+    feeds = checked_feeds(inputs, check)
     outputs = None
     if req.get("outputs") is not None:
         if not isinstance(req["outputs"], list):
             raise KServeError("outputs: expected a list of {'name': ...} objects")
-        known = [t.name for t in spec.outputs] + [s.output for s in spec.states]
+        known = output_names(spec)
         outputs = []
         for o in req["outputs"]:
             name = o.get("name") if isinstance(o, dict) else None

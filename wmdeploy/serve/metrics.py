@@ -3,9 +3,10 @@
 Hand-written rather than ``prometheus_client`` because the server needs a dozen metric families and the
 serve extra stays at fastapi + uvicorn. Updated from the event loop and the engine thread, hence the lock.
 
-Families: requests (route, method, code); errors by kind (one label per cause, see ``app.error_kind``);
+Families: HTTP requests (route, method, code) and gRPC requests (rpc, code); errors by kind (one label per cause, see ``app.error_kind``);
 batch size; queue time (queued -> its batch starts) and compute time (the engine calls of one batch);
-state-log time; evictions by reason and restores; live / persisted / persisted-only sessions (gauges).
+state-log time; evictions by reason and restores; live / persisted / persisted-only sessions and the state
+arena's allocated slots and bytes (gauges).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: dict[tuple[tuple[str, str], ...], int] = {}
+        self.grpc_requests: dict[tuple[tuple[str, str], ...], int] = {}  # (rpc, code): gRPC's own family
         self.errors: dict[str, int] = {}
         self.evictions: dict[str, int] = {}
         self.batch_size = _Histogram(BATCH_BUCKETS)
@@ -52,12 +54,21 @@ class Metrics:
         self.persist_seconds = _Histogram(SECONDS_BUCKETS)
         self.request_seconds = _Histogram(SECONDS_BUCKETS)
         self.restores = 0
+        self.expirations = 0  # persisted sessions deleted by --persist-ttl
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def request(self, route: str, method: str, code: int, seconds: float, step: bool) -> None:
         key = (("route", route), ("method", method), ("code", str(code)))
         with self._lock:
             self.requests[key] = self.requests.get(key, 0) + 1
+            if step:
+                self.request_seconds.observe(seconds)
+
+    def grpc_request(self, rpc: str, code: str, seconds: float, step: bool) -> None:
+        """One gRPC call, or one message of a ``ModelStreamInfer`` stream (``code``: the gRPC status name)."""
+        key = (("rpc", rpc), ("code", code))
+        with self._lock:
+            self.grpc_requests[key] = self.grpc_requests.get(key, 0) + 1
             if step:
                 self.request_seconds.observe(seconds)
 
@@ -85,6 +96,10 @@ class Metrics:
         with self._lock:
             self.restores += 1
 
+    def expired(self, n: int) -> None:
+        with self._lock:
+            self.expirations += n
+
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
 
@@ -107,6 +122,10 @@ class Metrics:
             family("wmdeploy_requests_total", "counter", "HTTP requests by route template, method and status code")
             for key, n in sorted(self.requests.items()):
                 out.append(f"wmdeploy_requests_total{_labels(key)} {n}")
+            family("wmdeploy_grpc_requests_total", "counter", "gRPC calls (stream messages one by one) by rpc and "
+                   "status code")
+            for key, n in sorted(self.grpc_requests.items()):
+                out.append(f"wmdeploy_grpc_requests_total{_labels(key)} {n}")
             family("wmdeploy_errors_total", "counter", "refused or failed requests and steps, by kind")
             for kind, n in sorted(self.errors.items()):
                 out.append(f"wmdeploy_errors_total{_labels((('kind', kind),))} {n}")
@@ -115,6 +134,9 @@ class Metrics:
                 out.append(f'wmdeploy_evictions_total{{reason="{reason}"}} {self.evictions.get(reason, 0)}')
             family("wmdeploy_restores_total", "counter", "evicted or persisted sessions restored from --persist")
             out.append(f"wmdeploy_restores_total {self.restores}")
+            family("wmdeploy_expired_sessions_total", "counter", "persisted sessions deleted after --persist-ttl "
+                   "seconds without a step")
+            out.append(f"wmdeploy_expired_sessions_total {self.expirations}")
             histogram("wmdeploy_batch_size", "sessions stepped together in one pool step", self.batch_size)
             histogram("wmdeploy_queue_seconds", "a step's wait from queued to the start of its batch",
                       self.queue_seconds)

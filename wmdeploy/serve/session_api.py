@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from ..errors import InputError, WmdeployError
 from ._asgi import OWNER
 from ._common import Ctx, classify, client_key, one_line, parse_json, step_answer
-from .batcher import StepJob
+from .jobs import Gate, StepJob
+from .validate import Overloaded
 
 WS_PIPELINE = 256  # chunks a WebSocket may have in flight; beyond, reading pauses (backpressure, not errors)
 
@@ -82,7 +83,12 @@ def register_session_api(app: FastAPI, ctx: Ctx) -> None:
     @app.websocket("/v1/sessions/{sid}/stream")
     async def stream_session(ws: WebSocket, sid: str) -> None:
         """Send {"inputs": {...}} messages; receive {"seq", "id", "steps", "outputs"} (or {"seq", "error"}) in
-        order. Chunks are queued as they arrive (pipelined), so a client need not wait for each answer."""
+        order. Chunks are queued as they arrive (pipelined), so a client need not wait for each answer.
+
+        What reaches the memory is always a prefix of the chunks sent (bad ones, refused before queueing,
+        aside): when the socket closes, or a chunk fails for a reason other than its input (a full disk,
+        a timeout, a full queue), the connection's gate closes and none of the later chunks runs; the
+        socket is then closed with 1011 (1013 when overloaded) after answering what was in flight."""
         await ws.accept()
         try:
             key = client_key(ws.scope, sid)
@@ -92,20 +98,35 @@ def register_session_api(app: FastAPI, ctx: Ctx) -> None:
             await ws.send_json({"error": one_line(exc)})
             await ws.close(code=4404)
             return
+        gate = Gate()
         pending: asyncio.Queue[tuple[int, Any, str]] = asyncio.Queue(maxsize=WS_PIPELINE)
 
+        failure: list[int] = []  # the status of the chunk whose failure closed the gate
+
         async def sender() -> None:
-            while True:
-                seq, item, encoding = await pending.get()
-                try:
-                    if isinstance(item, BaseException):
-                        raise item
-                    result = await item
-                    text = step_answer(sid, result.steps, result.outputs, encoding, seq)
-                except Exception as exc:  # noqa: BLE001  (an error answers its own chunk; the socket goes on)
-                    ctx.metrics.error(classify(exc)[1])
-                    text = json.dumps({"seq": seq, "error": one_line(exc)})
-                await ws.send_text(text)
+            try:
+                while True:
+                    seq, item, encoding = await pending.get()
+                    try:
+                        if isinstance(item, BaseException):
+                            raise item
+                        result = await batcher.wait(item, gate)
+                        text = step_answer(sid, result.steps, result.outputs, encoding, seq)
+                    except Exception as exc:  # noqa: BLE001  (an error answers its own chunk)
+                        status, kind = classify(exc)
+                        ctx.metrics.error(kind)
+                        if not failure and not isinstance(exc, InputError):  # the first that is not its input's
+                            failure.append(status)
+                        text = json.dumps({"seq": seq, "error": one_line(exc)})
+                    await asyncio.wait_for(ws.send_text(text), batcher.deadline_s)  # a client that never reads
+                    if gate.failed and pending.empty():  # nothing after the failed chunk can run: say so
+                        # 1013 "try again later" (429/503), 1011 a fault of ours (500), else 4000 + status
+                        status = failure[0] if failure else 500
+                        code = 1013 if status in (429, 503) else 1011 if status >= 500 else 4000 + status
+                        await ws.close(code=code, reason=f"chunk {seq} failed; later chunks were not applied")
+                        return
+            except Exception as exc:  # noqa: BLE001  (the socket is gone or stuck: stop, and run nothing more)
+                gate.close(f"the WebSocket could not be answered ({type(exc).__name__})", failed=True)
 
         task = asyncio.create_task(sender())
         seq = 0
@@ -114,6 +135,8 @@ def register_session_api(app: FastAPI, ctx: Ctx) -> None:
                 msg = await ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     break
+                if gate.failed:
+                    continue  # the socket is being closed: nothing more is queued
                 text = msg.get("text") or (msg.get("bytes") or b"").decode("utf-8", "replace")
                 encoding = "json"
                 try:
@@ -125,13 +148,27 @@ def register_session_api(app: FastAPI, ctx: Ctx) -> None:
                         raise InputError("message: expected a JSON object")
                     feeds, encoding = ctx.step_request(body)
                     # queued now, in receive order; the sender answers in the same order
-                    item: Any = batcher.submit(StepJob(key, feeds))
+                    item: Any = batcher.enqueue(StepJob(key, feeds, gate=gate))
+                except Overloaded as exc:  # not queued: nothing after it may run either (no hole)
+                    gate.close(f"chunk {seq} was refused ({one_line(exc)})", failed=True)
+                    item = exc
                 except WmdeployError as exc:
                     item = exc
-                await pending.put((seq, item, encoding))
+                if pending.full():  # backpressure: wait for the sender, unless it has stopped
+                    put = asyncio.ensure_future(pending.put((seq, item, encoding)))
+                    await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not put.done():
+                        put.cancel()
+                        break
+                else:
+                    pending.put_nowait((seq, item, encoding))
+                if task.done():
+                    break  # the sender stopped (socket stuck or closed by us): end the connection
                 seq += 1
         except WebSocketDisconnect:
             pass
         finally:
+            # closed before the sender is cancelled: a chunk the engine has not taken yet never runs, so
+            # the memory holds exactly the chunks up to some point, never a later one without an earlier
+            gate.close("the WebSocket closed before this chunk ran")
             task.cancel()
-

@@ -8,6 +8,11 @@ is already in the log before it is answered, so evicting a session is free (it j
 restoring it is a ``pool.join(snapshot)`` on its next request. Without ``--persist`` an evicted session
 is gone, and the server says so (and why) when the client comes back, instead of a bare "unknown".
 
+With a *shared* store (``--persist redis://...``, :mod:`.redis_store`) other replicas step the same
+sessions, so a resident copy may be stale. Steps stay optimistic (with affinity they read nothing): the
+store refuses a write computed from an old version and the batcher redoes the step on the latest state.
+Create, reset, snapshot and info check with the store (one round trip) instead of trusting the copy here.
+
 Ownership (``--api-key``): a session's key in this table (and in the state log) is ``OWNER + "\0" + id``,
 where OWNER is a fingerprint of the API key that made it (:func:`owner_of_key`). A request can only name
 keys in its own namespace, so another tenant's session is not merely forbidden but *absent*: it answers
@@ -27,7 +32,7 @@ from .. import snapshot as _snap
 from ..errors import CapacityError, SnapshotError, WmdeployError
 from ..streaming import Model
 from .metrics import Metrics
-from .persist import StateLog
+from .store import RETRIES, SessionStore, StoreConflict
 
 log = logging.getLogger("wmdeploy.serve")
 _FORGET_MAX = 10_000  # evicted keys remembered (without --persist) to explain a later 404
@@ -86,19 +91,24 @@ class Session:
 class SessionTable:
     """Resident sessions in LRU order (oldest first), plus the persisted ones in ``log``."""
 
-    def __init__(self, model: Model, capacity: int, ttl: float | None, log_: StateLog | None,
+    def __init__(self, model: Model, capacity: int, ttl: float | None, log_: SessionStore | None,
                  metrics: Metrics) -> None:
         self.model, self.capacity, self.ttl, self.log, self.metrics = model, capacity, ttl, log_, metrics
+        # capacity is the pool's limit, not an allocation: its arena grows with the resident sessions
         self.pool = model.pool(capacity)
         self.live: OrderedDict[str, Session] = OrderedDict()
         self.forgotten: OrderedDict[str, str] = OrderedDict()
 
     # ---- lookups ------------------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
+        if self.log is not None and self.log.shared:
+            return key in self.log  # a resident copy may be a stale one of a session deleted elsewhere
         return key in self.live or (self.log is not None and key in self.log)
 
     def count_on_disk(self) -> int:
         """Sessions held only in the log (evicted, or not yet touched since a restart)."""
+        if self.log is not None and self.log.shared:  # every replica's sessions: no listing per scrape
+            return max(0, self.log.count() - len(self.live))
         return 0 if self.log is None else sum(1 for k in self.log.keys() if k not in self.live)
 
     def active_count(self, within_s: float) -> int:
@@ -111,7 +121,7 @@ class SessionTable:
         return n
 
     def count_persisted(self) -> int:
-        return 0 if self.log is None else len(self.log.index)
+        return 0 if self.log is None else self.log.count()
 
     def _unknown(self, key: str, what: str) -> UnknownSession:
         why, shown = self.forgotten.get(key), display(key)
@@ -129,7 +139,10 @@ class SessionTable:
         for key, sess in self.live.items():  # oldest first
             if key in busy:
                 continue
-            if self.ttl is not None and now - sess.last_used >= self.ttl:
+            # a shared store holds every session: a resident copy is only a cache (and may be a stale copy
+            # of a session that another replica deleted), so the least recently used one can always go
+            cache_only = self.log is not None and self.log.shared
+            if cache_only or (self.ttl is not None and now - sess.last_used >= self.ttl):
                 self.evict(key, "capacity")
                 return
             break  # the LRU idle session is younger than the TTL: so is every other
@@ -182,8 +195,10 @@ class SessionTable:
             self.pool.leave(sess.sid)
 
     def sweep(self) -> int:
-        """Evict every resident session idle past the TTL; return how many."""
+        """Evict every resident session idle past the TTL; return how many. Then give back arena memory
+        that most slots have left unused for a while (the pool's own hysteresis decides)."""
         if self.ttl is None:
+            self.pool.trim()
             return 0
         cutoff, n = time.monotonic() - self.ttl, 0
         while self.live:
@@ -192,22 +207,34 @@ class SessionTable:
                 break
             self.evict(key, "ttl")
             n += 1
+        self.pool.trim()
         return n
 
     # ---- operations (each durable before it returns, with --persist) --------------------------------
-    def _persist(self, records: list[tuple[str, bytes | None]]) -> None:
-        if self.log is not None:
-            self.log.append(records)
+    def _persist(self, records: list[tuple[str, bytes | None]]) -> set[str]:
+        """Write through to the store; the keys it refused (a shared store: another replica was first)."""
+        return (self.log.append(records) or set()) if self.log is not None else set()
+
+    def _sync(self, key: str) -> None:
+        """A shared store: drop the resident copy if another replica has moved the session on since."""
+        if self.log is not None and self.log.shared and key in self.live and not self.log.current(key):
+            self.drop_resident(key)
 
     def create(self, key: str, snapshot: bytes | None = None) -> dict[str, Any]:
-        if key in self:
-            raise SessionExists(f"session '{display(key)}': already exists; delete it first or step it")
+        exists = SessionExists(f"session '{display(key)}': already exists; delete it first or step it")
+        if self.log is not None and self.log.shared:
+            self.drop_resident(key)  # the shared store alone says (atomically) whether the id is taken
+        elif key in self:
+            raise exists
         sess = self._join(key, snapshot, {key})
         try:
-            self._persist([(key, self.pool.snapshot(sess.sid))])
+            made = self.log is None or self.log.create(key, self.pool.snapshot(sess.sid))
         except Exception:
             self.drop_resident(key)
             raise
+        if not made:
+            self.drop_resident(key)
+            raise exists
         return self.info(key)
 
     def start(self, key: str, busy: set[str]) -> Session:
@@ -220,22 +247,26 @@ class SessionTable:
         return sess
 
     def reset(self, key: str) -> dict[str, Any]:
-        sess = self.resident(key)
-        self.pool.reset(sess.sid)
-        sess.steps = 0
-        self.touch(sess)
-        self._persist([(key, self.pool.snapshot(sess.sid))])
-        return self.info(key)
+        for _ in range(RETRIES):
+            sess = self.resident(key)
+            self.pool.reset(sess.sid)
+            sess.steps = 0
+            self.touch(sess)
+            if not self._persist([(key, self.pool.snapshot(sess.sid))]):
+                return self.info(key)
+            self.drop_resident(key)  # a shared store: another replica wrote it first; reset the latest
+        raise StoreConflict(f"session '{display(key)}': other replicas kept stepping it during the reset; retry")
 
     def delete(self, key: str) -> None:
         if key not in self:
+            self.drop_resident(key)  # a shared store: a stale copy of a session deleted elsewhere
             raise self._unknown(key, "session")
-        sess = self.live.pop(key, None)
-        if sess is not None:
-            self.pool.leave(sess.sid)
-        self._persist([(key, None)])
+        self.drop_resident(key)
+        if self.log is not None:
+            self.log.remove(key)
 
     def snapshot(self, key: str) -> bytes:
+        self._sync(key)
         sess = self.live.get(key)
         if sess is not None:
             return self.pool.snapshot(sess.sid)
@@ -245,6 +276,7 @@ class SessionTable:
         return blob
 
     def info(self, key: str) -> dict[str, Any]:
+        self._sync(key)
         sess = self.live.get(key)
         if sess is not None:
             return {"id": display(key), "steps": sess.steps, "resident": True,
@@ -254,6 +286,11 @@ class SessionTable:
 
     def keys(self, owner: str | None = None) -> list[str]:
         """Table keys (resident first, then persisted); with ``owner``: that tenant's client ids only."""
-        on_disk = [] if self.log is None else [k for k in self.log.keys() if k not in self.live]
-        every = list(self.live) + on_disk
+        if self.log is not None and self.log.shared:  # the store's list: not the copies resident here
+            stored = self.log.keys()
+            known = set(stored)
+            every = [k for k in self.live if k in known] + [k for k in stored if k not in self.live]
+        else:
+            on_disk = [] if self.log is None else [k for k in self.log.keys() if k not in self.live]
+            every = list(self.live) + on_disk
         return every if owner is None else [display(k) for k in every if owner_of(k) == owner]

@@ -10,6 +10,9 @@ last) so that growth over the stream is visible:
 - language models (``meta.task == "lm"``): top-1 agreement of the logits; on task data with targets,
   the cross-entropy of each model and its change (text), or recall accuracy of each (recall task).
 
+Two engines or precisions on the *same file* compare through :class:`ModelRunner` (e.g. OpenVINO bf16
+against ONNX Runtime float32), held to the bound of that precision in ``DRIFT_BOUNDS``.
+
 A call of ``chunk`` steps is one comparison point for tensors without a time axis (states); outputs
 with a time axis are compared step by step. Steps are numbered from 1.
 """
@@ -38,7 +41,44 @@ DRIFT_BOUNDS: dict[str, dict[str, float]] = {
     "int8-dynamic": {"min_top1": 0.90, "max_rel": 0.25, "max_recall_drop": 0.02},
     "int8-static": {"min_top1": 0.85, "max_rel": 0.35, "max_recall_drop": 0.02},
     "fp16": {"min_top1": 0.98, "max_rel": 0.05, "max_recall_drop": 0.02},
+    # The same file on another backend/precision (``ModelRunner``): bf16 matmuls (OpenVINO on a CPU with
+    # bf16 units; f16 where it has fp16 ones) against ONNX Runtime float32; f32 on another engine must
+    # agree like an optimized file.
+    "bf16": {"min_top1": 0.97, "max_rel": 0.1, "max_recall_drop": 0.02},
+    "f16": {"min_top1": 0.97, "max_rel": 0.1, "max_recall_drop": 0.02},
+    "f32": {"min_top1": 0.999, "max_rel": 1e-3, "max_recall_drop": 0.005},
 }
+
+
+class ModelRunner:
+    """A runner on any backend of the streaming runtime (``wmdeploy.load``), e.g. OpenVINO in bf16, so
+    that the drift report and ``verify`` compare two backends or precisions on the *same file*.
+
+    Each step writes the given states into an arena of the step's batch, runs, and reads them back: a
+    host round trip per step (fine for a report, not for serving)."""
+
+    def __init__(self, path: str | Path, backend: str = "auto", device: str = "cpu", **options: Any) -> None:
+        from ..streaming import load  # noqa: PLC0415
+
+        self.model = load(path, backend=backend, device=device, **{k: v for k, v in options.items() if v is not None})
+        self.spec = self.model.spec
+        info = self.model.describe()
+        precision = info.get("effective_precision") or info.get("precision")
+        self.precision = str(precision) if precision else "f32"
+        self.name = f"{path} [{self.model.backend_name}{' ' + str(precision) if precision else ''}]"
+        self._arenas: dict[int, Any] = {}
+
+    def step(self, inputs: dict[str, np.ndarray], states: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        batch = next(iter(states.values())).shape[self.spec.states[0].batch_axis] if self.spec.states else \
+            next(iter(inputs.values())).shape[self.spec.inputs[0].batch_axis]
+        arena = self._arenas.get(batch)
+        if arena is None:
+            arena = self._arenas[batch] = self.model.backend.arena(batch)
+        slots = range(0, batch)
+        if states:
+            arena.write(slots, states)
+        outs = self.model.backend.run(arena, slots, {t.name: np.ascontiguousarray(inputs[t.name]) for t in self.spec.inputs})
+        return outs, arena.read(slots)
 
 
 def step_buckets(steps: int, first: int = 16, factor: int = 8) -> list[tuple[int, int]]:

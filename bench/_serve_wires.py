@@ -1,0 +1,159 @@
+"""Load generators for `bench_serve.py`: one KServe v2 sequence per session over HTTP JSON, HTTP binary,
+gRPC unary ``ModelInfer`` and one gRPC ``ModelStreamInfer`` stream carrying every sequence.
+
+Each session sends its chunks one request at a time (the next after the answer), the first with
+``sequence_start``, the last with ``sequence_end``; the client decodes every answer's logits into numpy
+(part of the cost). One asyncio loop, raw HTTP/1.1 keep-alive connections (one per session) or one gRPC
+channel (HTTP/2, multiplexed), like the session API's generator in bench_serve.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+WIRES = ("v2 HTTP JSON", "v2 HTTP binary", "v2 gRPC", "v2 gRPC stream")
+
+
+class RawConn:
+    """One keep-alive HTTP/1.1 connection: ``await post(path, body, headers) -> (status, headers, body)``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.r, self.w = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> "RawConn":
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[bytes, bytes], bytes]:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+        self.w.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), len(body), extra)
+                     + body)
+        head = await self.r.readuntil(b"\r\n\r\n")
+        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+        fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+        return int(head[9:12]), fields, await self.r.readexactly(int(fields.get(b"content-length", b"0")))
+
+    def close(self) -> None:
+        self.w.close()
+
+
+async def drive(sessions: int, steps: int, warmup: int,
+                step: Callable[[int, int, bool], Awaitable[None]]) -> tuple[float, list[float]]:
+    """Every session runs ``warmup + steps`` requests; the clock starts once all are warm."""
+    lat: list[float] = []
+    go, warm = asyncio.Event(), [0]
+    total = warmup + steps
+
+    async def run(i: int) -> None:
+        for k in range(total):
+            if k == warmup:
+                warm[0] += 1
+                await go.wait()
+            t0 = time.perf_counter()
+            await step(i, k, k == total - 1)
+            if k >= warmup:
+                lat.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(run(i)) for i in range(sessions)]
+    while warm[0] < sessions:
+        for t in tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        await asyncio.sleep(0.005)
+    go.set()
+    t0 = time.perf_counter()
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - t0, lat
+
+
+def _params(sid: int, k: int, last: bool) -> dict[str, Any]:
+    return {"sequence_id": sid, "sequence_start": k == 0, "sequence_end": last}
+
+
+async def v2_http(port: int, sessions: int, chunk: int, steps: int, binary: bool, warmup: int = 2) -> tuple[float, list[float]]:
+    conns = [await RawConn.open(port) for _ in range(sessions)]
+    rng, base = np.random.default_rng(0), random.getrandbits(40) << 12
+
+    async def step(i: int, k: int, last: bool) -> None:
+        tokens = rng.integers(0, 256, size=(1, chunk))
+        if binary:
+            head = json.dumps({"inputs": [{"name": "tokens", "shape": [1, chunk], "datatype": "INT64",
+                                           "parameters": {"binary_data_size": 8 * chunk}}],
+                               "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+                               "parameters": _params(base + i, k, last)}, separators=(",", ":")).encode()
+            status, fields, body = await conns[i].post("/v2/models/lm/infer", head + tokens.astype("<i8").tobytes(),
+                                                       {"Inference-Header-Content-Length": str(len(head))})
+            assert status == 200, body[:200]
+            n = int(fields[b"inference-header-content-length"])
+            json.loads(body[:n])
+            np.frombuffer(body[n:], "<f4")
+        else:
+            obj = {"inputs": [{"name": "tokens", "shape": [1, chunk], "datatype": "INT64", "data": tokens.ravel().tolist()}],
+                   "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
+                   "parameters": _params(base + i, k, last)}
+            status, _, body = await conns[i].post("/v2/models/lm/infer", json.dumps(obj, separators=(",", ":")).encode(),
+                                                  {"Content-Type": "application/json"})
+            assert status == 200, body[:200]
+            np.asarray(json.loads(body)["outputs"][0]["data"], np.float32)
+
+    try:
+        return await drive(sessions, steps, warmup, step)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def _grpc_request(pb: Any, sid: int, k: int, last: bool, tokens: np.ndarray, rid: str = "") -> Any:
+    """What ``tritonclient.grpc`` builds: the tensor in raw_input_contents, the sequence in int64/bool params."""
+    req = pb.ModelInferRequest(model_name="lm", id=rid)
+    req.inputs.add(name="tokens", datatype="INT64", shape=tokens.shape)
+    req.raw_input_contents.append(tokens.astype("<i8").tobytes())
+    req.parameters["sequence_id"].int64_param = sid
+    req.parameters["sequence_start"].bool_param = k == 0
+    req.parameters["sequence_end"].bool_param = last
+    return req
+
+
+async def v2_grpc(port: int, sessions: int, chunk: int, steps: int, stream: bool, warmup: int = 2) -> tuple[float, list[float]]:
+    import grpc  # noqa: PLC0415
+    from tritonclient.grpc import service_pb2 as pb  # noqa: PLC0415
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    rng, base = np.random.default_rng(0), random.getrandbits(40) << 12
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        if not stream:
+            async def step(i: int, k: int, last: bool) -> None:
+                res = await stub.ModelInfer(_grpc_request(pb, base + i, k, last, rng.integers(0, 256, size=(1, chunk))))
+                np.frombuffer(res.raw_output_contents[0], "<f4")
+
+            return await drive(sessions, steps, warmup, step)
+        call = stub.ModelStreamInfer()
+        waiting: dict[str, asyncio.Future] = {}
+        lock = asyncio.Lock()  # one writer at a time on the stream
+
+        async def reader() -> None:
+            async for resp in call:
+                waiting.pop(resp.infer_response.id).set_result(resp)
+
+        read = asyncio.create_task(reader())
+
+        async def step(i: int, k: int, last: bool) -> None:
+            rid = f"{i}:{k}"
+            fut = waiting[rid] = asyncio.get_running_loop().create_future()
+            async with lock:
+                await call.write(_grpc_request(pb, base + i, k, last, rng.integers(0, 256, size=(1, chunk)), rid))
+            resp = await fut
+            assert not resp.error_message, resp.error_message
+            np.frombuffer(resp.infer_response.raw_output_contents[0], "<f4")
+
+        try:
+            return await drive(sessions, steps, warmup, step)
+        finally:
+            await call.done_writing()
+            await read

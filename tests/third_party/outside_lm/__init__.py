@@ -1,0 +1,1 @@
+"""A model package laid out as outside projects lay theirs out: the model file imports its siblings relatively."""

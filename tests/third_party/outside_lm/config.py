@@ -1,0 +1,3 @@
+VOCAB = 24
+EMBED = 6
+HIDDEN = 10
