@@ -15,31 +15,9 @@ import time
 from typing import Any, Awaitable, Callable
 
 import numpy as np
+from _serve_proc import Conn
 
 WIRES = ("v2 HTTP JSON", "v2 HTTP binary", "v2 gRPC", "v2 gRPC stream")
-
-
-class RawConn:
-    """One keep-alive HTTP/1.1 connection: ``await post(path, body, headers) -> (status, headers, body)``."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.r, self.w = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> "RawConn":
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[bytes, bytes], bytes]:
-        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
-        self.w.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), len(body), extra)
-                     + body)
-        head = await self.r.readuntil(b"\r\n\r\n")
-        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
-        fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
-        return int(head[9:12]), fields, await self.r.readexactly(int(fields.get(b"content-length", b"0")))
-
-    def close(self) -> None:
-        self.w.close()
 
 
 async def drive(sessions: int, steps: int, warmup: int,
@@ -76,7 +54,7 @@ def _params(sid: int, k: int, last: bool) -> dict[str, Any]:
 
 
 async def v2_http(port: int, sessions: int, chunk: int, steps: int, binary: bool, warmup: int = 2) -> tuple[float, list[float]]:
-    conns = [await RawConn.open(port) for _ in range(sessions)]
+    conns = [await Conn.open(port) for _ in range(sessions)]
     rng, base = np.random.default_rng(0), random.getrandbits(40) << 12
 
     async def step(i: int, k: int, last: bool) -> None:
@@ -86,7 +64,7 @@ async def v2_http(port: int, sessions: int, chunk: int, steps: int, binary: bool
                                            "parameters": {"binary_data_size": 8 * chunk}}],
                                "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
                                "parameters": _params(base + i, k, last)}, separators=(",", ":")).encode()
-            status, fields, body = await conns[i].post("/v2/models/lm/infer", head + tokens.astype("<i8").tobytes(),
+            status, fields, body = await conns[i].request(b"POST", "/v2/models/lm/infer", head + tokens.astype("<i8").tobytes(),
                                                        {"Inference-Header-Content-Length": str(len(head))})
             assert status == 200, body[:200]
             n = int(fields[b"inference-header-content-length"])
@@ -96,7 +74,7 @@ async def v2_http(port: int, sessions: int, chunk: int, steps: int, binary: bool
             obj = {"inputs": [{"name": "tokens", "shape": [1, chunk], "datatype": "INT64", "data": tokens.ravel().tolist()}],
                    "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
                    "parameters": _params(base + i, k, last)}
-            status, _, body = await conns[i].post("/v2/models/lm/infer", json.dumps(obj, separators=(",", ":")).encode(),
+            status, _, body = await conns[i].request(b"POST", "/v2/models/lm/infer", json.dumps(obj, separators=(",", ":")).encode(),
                                                   {"Content-Type": "application/json"})
             assert status == 200, body[:200]
             np.asarray(json.loads(body)["outputs"][0]["data"], np.float32)

@@ -26,9 +26,7 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,28 +37,7 @@ from typing import Any
 
 import numpy as np
 
-ZOO = "lstm_lm_2x1024"
-
-
-def export_zoo(path: Path) -> None:
-    import torch  # noqa: PLC0415
-
-    from wmdeploy.exporter import export  # noqa: PLC0415
-    from wmdeploy.models.zoo import build  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    export(build(ZOO), path, verify=False)  # untrained weights: the cost is the same
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+from _serve_proc import ZOO, Conn, Server, export_zoo, free_port, metric  # noqa: E402  (bench/ is on sys.path)
 
 
 class Redis:
@@ -91,58 +68,6 @@ class Redis:
         self.proc.wait(timeout=30)
 
 
-class Server:
-    def __init__(self, model: Path, *extra: str) -> None:
-        import httpx  # noqa: PLC0415
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "wmdeploy", "serve", str(model), "--name", "lm", "--port",
-                                      str(self.port), "--log-level", "warning", "--max-sessions", "300", *extra],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("wmdeploy serve did not start")
-            time.sleep(0.05)
-
-    def metrics(self) -> str:
-        import httpx  # noqa: PLC0415
-
-        return httpx.get(self.url + "/metrics").text
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-class Conn:
-    """One keep-alive HTTP/1.1 connection (a Python HTTP client would cost more than the server does)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.r, self.w = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> "Conn":
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def send(self, method: bytes, path: str, obj: Any = None) -> tuple[int, bytes]:
-        body = b"" if obj is None else json.dumps(obj, separators=(",", ":")).encode()
-        self.w.write(b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                     % (method, path.encode(), len(body)) + body)
-        head = await self.r.readuntil(b"\r\n\r\n")
-        length = next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
-        return int(head[9:12]), await self.r.readexactly(length)
-
-    def close(self) -> None:
-        self.w.close()
-
-
 async def stream(servers: list[Server], sessions: int, chunk: int, steps: int, round_robin: bool,
                  warmup: int = 2) -> tuple[float, list[float]]:
     """Every session streams ``steps`` chunks, one request at a time; session i lives on replica i mod R
@@ -151,7 +76,7 @@ async def stream(servers: list[Server], sessions: int, chunk: int, steps: int, r
     conns = [[await Conn.open(s.port) for s in servers] for _ in range(sessions)]
     ids = []
     for i, per in enumerate(conns):
-        status, body = await per[i % len(servers)].send(b"POST", "/v1/sessions", {})
+        status, body = await per[i % len(servers)].post_json("/v1/sessions", {})
         assert status == 201, body
         ids.append(json.loads(body)["id"])
     lat: list[float] = []
@@ -165,7 +90,7 @@ async def stream(servers: list[Server], sessions: int, chunk: int, steps: int, r
             conn = conns[i][(i + k) % len(servers) if round_robin else i % len(servers)]
             tokens = rng.integers(0, 256, size=(1, chunk)).tolist()
             t0 = time.perf_counter()
-            status, body = await conn.send(b"POST", f"/v1/sessions/{ids[i]}/step", {"inputs": {"tokens": tokens}})
+            status, body = await conn.post_json(f"/v1/sessions/{ids[i]}/step", {"inputs": {"tokens": tokens}})
             assert status == 200, body[:200]
             json.loads(body)
             if k >= warmup:
@@ -179,7 +104,7 @@ async def stream(servers: list[Server], sessions: int, chunk: int, steps: int, r
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     for i, per in enumerate(conns):
-        await per[0].send(b"DELETE", f"/v1/sessions/{ids[i]}")
+        await per[0].post_json(f"/v1/sessions/{ids[i]}", None, b"DELETE")
         for c in per:
             c.close()
     return wall, lat
@@ -191,7 +116,7 @@ def measure(servers: list[Server], sessions: int, steps: int, round_robin: bool 
     before = [s.metrics() for s in servers]
     wall, lat = asyncio.run(stream(servers, sessions, 8, steps, round_robin))
     after = [s.metrics() for s in servers]
-    d = {k: sum(metric(a, k) - metric(b, k) for a, b in zip(after, before)) for k in keys}
+    d = {k: sum(metric(a, k, 0.0) - metric(b, k, 0.0) for a, b in zip(after, before)) for k in keys}
     batches = max(d["wmdeploy_batch_size_count"], 1)
     ms = np.asarray(lat) * 1e3
     return {"tokens_per_s": sessions * steps * 8 / wall, "p50_ms": float(np.percentile(ms, 50)),
@@ -218,9 +143,9 @@ def main() -> None:
     redis_srv = Redis(tmp)
     started: list[Server] = []
     try:
-        none = Server(model)
-        local = Server(model, "--persist", str(tmp / "state"))
-        shared = [Server(model, "--persist", redis_srv.url) for _ in range(2)]
+        none = Server(model, "--max-sessions", "300")
+        local = Server(model, "--max-sessions", "300", "--persist", str(tmp / "state"))
+        shared = [Server(model, "--max-sessions", "300", "--persist", redis_srv.url) for _ in range(2)]
         started += [none, local, *shared]
         # (label, servers, round robin, Redis appendfsync or None)
         configs = [("none", [none], False, None), ("dir", [local], False, None),

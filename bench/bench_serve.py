@@ -27,9 +27,6 @@ import asyncio
 import json
 import os
 import platform
-import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,19 +36,7 @@ from typing import Any
 import numpy as np
 
 import _serve_wires as wires  # noqa: E402  (bench/ is on sys.path when this script runs)
-
-ZOO = "lstm_lm_2x1024"
-
-
-def export_zoo(path: Path) -> None:
-    import torch  # noqa: PLC0415
-
-    from wmdeploy.exporter import export  # noqa: PLC0415
-    from wmdeploy.models.zoo import build  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    export(build(ZOO), path, verify=False)  # untrained weights: the cost is the same
-
+from _serve_proc import ZOO, Conn, Server, export_zoo, metric  # noqa: E402
 
 def engine_ceiling(model: Path, batch: int, chunk: int, repeats: int = 12) -> float:
     """Median seconds of one raw InferenceSession.run (default options) at this batch and chunk."""
@@ -72,70 +57,6 @@ def engine_ceiling(model: Path, batch: int, chunk: int, repeats: int = 12) -> fl
     return float(np.median(times))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else float("nan")
-
-
-class Server:
-    def __init__(self, model: Path, *extra: str) -> None:
-        import httpx  # noqa: PLC0415
-
-        self.port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "wmdeploy", "serve", str(model), "--name", "lm", "--port",
-                                      str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning",
-                                      *extra],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("wmdeploy serve did not start")
-            time.sleep(0.05)
-
-    def metrics(self) -> str:
-        import httpx  # noqa: PLC0415
-
-        return httpx.get(self.url + "/metrics").text
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-class Conn:
-    """One keep-alive HTTP/1.1 connection: ``await post(path, obj) -> (status, body bytes)``."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.r, self.w = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> "Conn":
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def post(self, path: str, obj: Any, method: bytes = b"POST") -> tuple[int, bytes]:
-        body = json.dumps(obj, separators=(",", ":")).encode()
-        self.w.write(b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                     % (method, path.encode(), len(body)) + body)
-        head = await self.r.readuntil(b"\r\n\r\n")
-        length = next((int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"), 0)
-        return int(head[9:12]), await self.r.readexactly(length)
-
-    def close(self) -> None:
-        self.w.close()
-
-
 async def stream_sessions(port: int, sessions: int, chunk: int, steps: int, encoding: str,
                           warmup: int = 2) -> tuple[float, list[float]]:
     """Every session streams ``steps`` chunks, one request at a time; returns (wall seconds, latencies)."""
@@ -143,7 +64,7 @@ async def stream_sessions(port: int, sessions: int, chunk: int, steps: int, enco
     conns = [await Conn.open(port) for _ in range(sessions)]
     ids = []
     for c in conns:
-        status, body = await c.post("/v1/sessions", {})
+        status, body = await c.post_json("/v1/sessions", {})
         assert status == 201, body
         ids.append(json.loads(body)["id"])
     lat: list[float] = []
@@ -156,7 +77,7 @@ async def stream_sessions(port: int, sessions: int, chunk: int, steps: int, enco
                 await go.wait()
             tokens = rng.integers(0, 256, size=(1, chunk)).tolist()
             t0 = time.perf_counter()
-            status, body = await c.post(f"/v1/sessions/{sid}/step", {"inputs": {"tokens": tokens}, "encoding": encoding})
+            status, body = await c.post_json(f"/v1/sessions/{sid}/step", {"inputs": {"tokens": tokens}, "encoding": encoding})
             assert status == 200, body[:200]
             json.loads(body)  # a client reads its answer: part of the cost
             if k >= warmup:
@@ -170,7 +91,7 @@ async def stream_sessions(port: int, sessions: int, chunk: int, steps: int, enco
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     for c, sid in zip(conns, ids):  # done: the sessions go (they would count as active for a while)
-        await c.post(f"/v1/sessions/{sid}", {}, b"DELETE")
+        await c.post_json(f"/v1/sessions/{sid}", None, b"DELETE")
         c.close()
     return wall, lat
 
@@ -179,7 +100,7 @@ async def websocket_chunk1(port: int, steps: int) -> list[float]:
     from websockets.asyncio.client import connect  # noqa: PLC0415
 
     conn = await Conn.open(port)
-    _, body = await conn.post("/v1/sessions", {})
+    _, body = await conn.post_json("/v1/sessions", {})
     sid = json.loads(body)["id"]
     conn.close()
     lat = []
@@ -227,6 +148,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="timed chunks per session")
     ap.add_argument("--json", default="bench/results/serve.json")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (ceiling, every wire at 64 x 8)")
+    ap.add_argument("--serve-args", default="", help="extra `wmdeploy serve` flags, e.g. '--batch-window-ms 10'")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     model = args.model
@@ -238,7 +160,7 @@ def main() -> None:
     ceiling = 64 * 8 / raw64
     print(f"  engine: batch 64 x chunk 8 {raw64 * 1e3:.1f} ms -> ceiling {ceiling:,.0f} tok/s", file=sys.stderr)
     rows: list[dict[str, Any]] = []
-    srv = Server(model, "--max-sessions", "300")
+    srv = Server(model, "--max-sessions", "300", *args.serve_args.split(), grpc=True)
     rounds: list[dict[str, Any]] = []
     try:
         for n in (1, 8, 64):
@@ -269,7 +191,7 @@ def main() -> None:
                                "mean_batch": row["mean_batch"], "compute_share": row["compute_share"]})
     finally:
         srv.stop()
-    srv = Server(model, "--max-sessions", "300", "--persist", str(tmp / "state"))
+    srv = Server(model, "--max-sessions", "300", "--persist", str(tmp / "state"), *args.serve_args.split(), grpc=True)
     try:
         rows.append(measure(srv, "64 sessions x chunk 8, --persist", 64, 8, args.steps))
     finally:
@@ -320,7 +242,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                            "python": platform.python_version()},
-                               "model": ZOO if args.model is None else str(model), "summary": summary, "rows": rows,
+                               "model": ZOO if args.model is None else str(model), "serve_args": args.serve_args,
+                               "summary": summary, "rows": rows,
                                "rounds": rounds},
                               indent=2))
     print(f"wrote {out}")
