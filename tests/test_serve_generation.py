@@ -176,3 +176,47 @@ def test_a_client_that_does_not_read_stalls_its_generation(lm_server):
                 assert c.get("/v1/sessions/silent").json()["steps"] > stalled  # reading resumed it
     finally:
         srv.stop()
+
+
+def test_sigterm_during_a_generation_leaves_a_prefix_of_it(tmp_path):
+    """SIGTERM while a generation streams tokens: the server exits 0, and after a restart on the same
+    --persist the session holds the state after exactly some number of the generation's steps (at least
+    the tokens the client had read), never a state the local run of the same generation never had."""
+    from _serve_server import ProcessServer
+    from wmdeploy import snapshot as snap  # noqa: PLC0415
+
+    import httpx  # noqa: PLC0415
+
+    path = tmp_path / "lm.onnx"
+    torch.manual_seed(0)
+    wmdeploy.export(LSTMLanguageModel(embed_dim=16, hidden_size=32, num_layers=1), path, verify=False)
+    served, tokens = wmdeploy.load(path), 1500
+    args = ("--name", "lm", "--persist", str(tmp_path / "state"))
+    srv = ProcessServer(path, *args, log=tmp_path / "serve.log")
+    prompt, read = "The river ran past the mill, " * 4, 0
+    try:
+        assert httpx.post(srv.url + "/v1/sessions", json={"id": "g"}).status_code == 201
+        with websockets_sync.connect(srv.url.replace("http", "ws") + "/v1/sessions/g/generate", close_timeout=1) as ws:
+            ws.send(json.dumps({"prompt": prompt, "max_tokens": tokens, "seed": 3}))
+            while read < 20:
+                message = json.loads(ws.recv(timeout=30))
+                assert "text" in message, message
+                read += 1
+            code = srv.terminate(timeout=40)
+    finally:
+        srv.kill()
+    assert code == 0
+    local = _Recorder(served)
+    for _ in wmdeploy.generate(local, prompt, max_tokens=tokens, seed=3):
+        pass
+    srv = ProcessServer(path, *args, log=tmp_path / "serve.log")
+    try:
+        steps = httpx.get(srv.url + "/v1/sessions/g").json()["steps"]
+        blob = httpx.get(srv.url + "/v1/sessions/g/snapshot").content
+    finally:
+        srv.kill()
+    prefill = len(local.states) - 1 - tokens  # the prompt's steps, then one per sampled token
+    assert prefill + read <= steps < len(local.states) - 1  # what was read is held; it did not run to the end
+    held = snap.loads(served.spec, blob)
+    for name, want in local.states[steps].items():
+        np.testing.assert_allclose(held[name], want, rtol=1e-5, atol=1e-5)
