@@ -85,3 +85,11 @@ def test_ambiguous_batch_axis_is_refused(rt_gru_bare_path, tmp_path):
         annotate(src, tmp_path / "out.onnx", states=["h=hN@1"], consts=["scale=1"])
     spec = annotate(src, tmp_path / "out.onnx", states=["h=hN@1"], consts=["scale=1"], batch_axes={"x": 1, "y": 1})
     assert spec.inputs[0].batch_axis == 1
+
+
+def test_a_forgotten_constant_is_named_with_the_flag_that_adopts_it(rt_gru_bare_path, tmp_path):
+    """The GRU's scalar 'scale' input has no batch axis: leaving out --const names that flag, not --batch-axis."""
+    graph_scale = next(i for i in onnx.load(str(rt_gru_bare_path)).graph.input if i.name == "scale")
+    assert len(graph_scale.type.tensor_type.shape.dim) == 0  # a scalar, as outside projects declare a sample rate
+    with pytest.raises(SpecError, match=r"tensor 'scale': a scalar has no batch axis; pass --const scale=VALUE"):
+        annotate(rt_gru_bare_path, tmp_path / "x.onnx", states=["h=hN@1"])

@@ -79,9 +79,10 @@ def test_real_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
     proc = subprocess.run([sys.executable, "-m", "wmdeploy", "export", "x:y", "-o", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: SPEC 'x:y': cannot import module 'x': No module named 'x'"
+    assert proc.stderr.strip() == (f"error: SPEC 'x:y': cannot import module 'x' (looked in the current folder "
+                                   f"{tmp_path} and the installed packages): No module named 'x'")
 
 
 def test_usage_errors_are_one_line_too():
@@ -93,3 +94,19 @@ def test_usage_errors_are_one_line_too():
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("command", ["export", "verify", "inspect", "annotate", "optimize", "quantize", "triton",
+                                     "generate", "chat", "profile", "serve"])
+def test_every_command_has_help_with_an_example(command):
+    """--help renders for every command (help texts hold brackets such as grpc://HOST:PORT[/MODEL] and
+    wmdeploy[plot], which Rich markup would take for tags) and shows the command's example."""
+    import typer
+
+    assert command in typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    result = runner.invoke(app, [command, "--help"], terminal_width=120)
+    assert result.exit_code == 0, result.output
+    example = " ".join(result.output.split()).partition("Example: ")[2]
+    assert f"wmdeploy {command} " in example, result.output
+    if command == "verify":  # a bracketed word survives as text
+        assert "wmdeploy[plot]" in result.output

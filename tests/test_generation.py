@@ -168,7 +168,7 @@ def test_short_prompt_timing_leaves_the_engines_first_calls_out(lm_path):
     run = wmdeploy.generate(stream, "The river", max_tokens=3, seed=1)
     run.text()
     stats = run.stats.to_dict()
-    assert stats["warmup_calls"] == 2 and stats["warmup_s"] > 0  # shapes [1, 9] and [1, 1], untimed
+    assert stats["warmup_calls"] == 4 and stats["warmup_s"] > 0  # shapes [1, 9] and [1, 1], twice each, untimed
     assert stats["prefill_runs"] >= 1 and stats["prefill_tokens_per_s"] > 0
     info = language_model_info(model.spec)
     ref = model.stream()
@@ -178,3 +178,21 @@ def test_short_prompt_timing_leaves_the_engines_first_calls_out(lm_path):
     assert stream.steps == ref.steps == 4
     for name, value in ref.state.items():
         np.testing.assert_array_equal(stream.state[name], value)
+
+
+def test_a_negative_or_nan_temperature_is_refused(lm_path):
+    model = wmdeploy.load(lm_path)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(wmdeploy.InputError, match="--temperature"):
+            wmdeploy.generate(model, "The river", temperature=bad)
+
+
+def test_chat_mistakes_are_one_line_and_the_conversation_goes_on(recall_lm, tmp_path):
+    """An unknown /command was sent to the model as text (failing on its vocabulary), and a /load of a
+    missing file printed a raw [Errno 2]: each is now one line naming the command or file, memory intact."""
+    model = wmdeploy.load(recall_lm)
+    replies = _replies(model, ["aBcD", "/bogus", f"/load {tmp_path / 'nothere.bin'}", "/save", "eFgHiJ", "?a"])
+    assert replies[1] == "error: /bogus: not a command; the commands are /reset, /save FILE, /load FILE, /quit"
+    assert replies[2] == f"error: /load {tmp_path / 'nothere.bin'}: cannot read it (No such file or directory)"
+    assert replies[3] == "error: /save: expected a file name (/save FILE)"
+    assert replies[5] == "B"  # none of it touched the memory of turn 1

@@ -4,6 +4,8 @@ vocabulary, and model code inside a package with relative imports; each made the
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -131,8 +133,11 @@ def test_fixed_batch_stream_and_pool_run_like_the_wrapper(vad_adopted, files):
 
 
 def test_fixed_batch_file_verifies_and_profiles(vad_adopted):
-    r = cli("verify", vad_adopted)  # default --batches 1,3: verified at the batch it takes
+    r = cli("verify", vad_adopted, "--reference", vad_adopted)  # default --batches 1,3: at the batch it takes
     assert r.exit_code == 0, r.output
+    # against itself alone nothing can be compared (batch 1 only, not chunk-invariant): said, not "ok"
+    r = cli("verify", vad_adopted)
+    assert r.exit_code == 2 and "nothing can be compared" in r.output and "--reference" in r.output, r.output
     r = cli("profile", vad_adopted, "--batch", "3", "--chunk", "2", "--mode", "pool", "--steps", "5",
             "--max-windows", "3", "--warmup", "1")
     assert r.exit_code == 0, r.output
@@ -241,3 +246,21 @@ def test_a_failing_package_import_names_the_folder_put_on_the_path(tmp_path):
     assert r.exit_code == 2
     msg = " ".join(r.output.split())
     assert "broken_pkg_14.net" in msg and f"{tmp_path} put on sys.path" in msg and "missing_sibling" in msg
+
+
+def test_a_dotted_spec_is_found_from_the_project_folder_by_the_console_script(tmp_path):
+    """`wmdeploy export outside_lm.models.net:OutsideLM` from the folder holding the package, as a real console
+    script (whose sys.path has no current folder), finds it; a name found nowhere says where it looked."""
+    import shutil
+
+    shutil.copytree(PKG, tmp_path / "outside_lm")
+    script = Path(sys.executable).with_name("wmdeploy")
+    run = [str(script)] if script.exists() else [sys.executable, "-c", "from wmdeploy.cli import main; main()"]
+    ok = subprocess.run([*run, "export", "outside_lm.models.net:OutsideLM", "-o", "o.onnx", "--no-verify"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert read_spec(tmp_path / "o.onnx").inputs[0].index_bound == 24
+    bad = subprocess.run([*run, "export", "no_such_pkg_14.models:Net", "-o", "x.onnx"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert f"looked in the current folder {tmp_path}" in bad.stderr

@@ -121,3 +121,21 @@ def test_default_name_from_a_dotted_stem_is_made_valid(tmp_path):
     assert repo.model_dir.name == "lstm_wm" and 'name: "lstm_wm"' in repo.config_text
     with pytest.raises(SpecError, match="--name: 'a.b'"):  # an explicit --name is still checked as given
         write_repository(src, tmp_path / "r2", name="a.b")
+
+
+def test_serve_and_triton_give_a_file_the_same_default_name(tmp_path):
+    """The same client code must work against `wmdeploy serve` and the Triton repository of the same file:
+    `serve lstm.wm.onnx` served 'lstm.wm' while Triton named it 'lstm_wm'."""
+    from _serve_server import ThreadServer
+    from wmdeploy.serve import ServeConfig
+
+    src = tmp_path / "lstm.wm.onnx"
+    wmdeploy.export(cm.TinyLSTM(), src, verify=False)
+    repo = write_repository(src, tmp_path / "r")
+    srv = ThreadServer(ServeConfig(src), wmdeploy.load(src))
+    try:
+        with srv.client() as c:
+            assert c.get(f"/v2/models/{repo.model_dir.name}/ready").status_code == 200
+            assert c.get(f"/v2/models/{repo.model_dir.name}").json()["name"] == "lstm_wm"
+    finally:
+        srv.stop()

@@ -142,6 +142,9 @@ def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) 
 def _data_spec(vi: Any, batch_params: set[str], override: int | None, fixed_model: bool) -> tuple[TensorSpec, bool]:
     """The tensor's spec and whether the graph fixes its batch axis at 1 (rules in the module doc)."""
     dims = _dims(vi)
+    if not dims:  # a scalar has no batch axis: it is a per-model setting (a sample rate), fed as a constant
+        raise SpecError(f"tensor '{vi.name}': a scalar has no batch axis; pass --const {vi.name}=VALUE "
+                        f"(consts={{'{vi.name}': VALUE}} in Python) for the value it takes on every call")
     symbolic = [i for i, d in enumerate(dims) if not isinstance(d, int)]
     flag = f"--batch-axis {vi.name}=AXIS (batch_axes={{'{vi.name}': AXIS}} in Python)"
     if override is not None:

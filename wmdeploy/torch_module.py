@@ -52,10 +52,16 @@ def _import_target(target: str) -> Any:
                               f"it has no __init__.py beside it, so it is not part of a package): "
                               f"{type(exc).__name__}: {exc}") from None
     else:
+        # The current folder first, as `python -m` and uvicorn do: a console script's sys.path lacks it, and
+        # `wmdeploy export my_pkg.models:build` run from the project folder is what a newcomer types.
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
         try:
             module = importlib.import_module(where)
         except ImportError as exc:
-            raise ExportError(f"SPEC '{target}': cannot import module '{where}': {exc}") from None
+            raise ExportError(f"SPEC '{target}': cannot import module '{where}' (looked in the current folder "
+                              f"{cwd} and the installed packages): {exc}") from None
     if not hasattr(module, name):
         raise ExportError(f"SPEC '{target}': '{where}' has no attribute '{name}'")
     return getattr(module, name)
@@ -184,7 +190,7 @@ def module_spec(module: torch.nn.Module) -> StreamingSpec:
     if not callable(fn):
         raise ExportError(
             f"{type(module).__name__} has no streaming_spec() method; a streaming model declares its "
-            "inputs, outputs and states (see DESIGN.md, 'The contract')"
+            "inputs, outputs and states (see README.md, 'The contract')"
         )
     spec = fn()
     if not isinstance(spec, StreamingSpec):

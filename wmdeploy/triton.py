@@ -274,6 +274,13 @@ def validate_config(text: str, model_path: Path, spec: StreamingSpec) -> Any:
     return config
 
 
+def default_model_name(path: str | Path) -> str:
+    """The model name a file is served under when none is given, by ``wmdeploy serve`` and in a Triton
+    repository alike (so one client works against both): its stem made a valid KServe/Triton name
+    (annotate's ``vad.wm.onnx`` -> ``vad_wm``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
+
+
 def write_repository(model: str | Path, repo: str | Path, *, name: str | None = None, max_batch: int = 64,
                      idle_timeout_s: float = 60.0, instances: int = 1, kind: str = "cpu",
                      strategy: str = "oldest", version: int = 1, verify: bool = True) -> TritonRepo:
@@ -302,8 +309,7 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
         notes.append(f"max_batch_size {spec.max_batch}, not {max_batch}: the graph fixes its batch at {spec.max_batch} "
                      f"(meta.max_batch), so Triton cannot batch its sequences; scale it with --instances")
         max_batch = spec.max_batch
-    # the default is the file's stem made a valid name (annotate's `vad.wm.onnx` -> `vad_wm`); --name is checked as given
-    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", source.stem)
+    name = name or default_model_name(source)  # --name is checked as given
     if not name.replace("_", "").replace("-", "").isalnum():
         raise SpecError(f"--name: '{name}' is not a valid Triton model name (letters, digits, '_' and '-')")
     model_dir = Path(repo) / name

@@ -258,4 +258,8 @@ def verify(candidate: Any, reference: Any | None = None, *, chunks: Sequence[int
             _check_chunking(report, cand, spec, batch, schedule, seed)
         if ref is None:
             _check_batch(report, cand, spec, batch, schedule, seed)
+    if not report.rows:  # e.g. a fixed-batch file that is not chunk-invariant, checked against itself
+        raise InputError(f"{cand.name}: checked against itself at batch {list(batches)}, nothing can be compared "
+                         f"(batch independence needs a batch above 1{'' if spec.max_batch is None else ', which the graph does not take'}, "
+                         f"chunking needs chunk_invariant); pass --reference (a PyTorch module or another ONNX file)")
     return report

@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[/MODEL]" or "[plot]" are words, not Rich markup
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays on one line, however narrow the terminal

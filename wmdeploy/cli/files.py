@@ -161,7 +161,7 @@ def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int,
     from ..transform.drift import DRIFT_BOUNDS, drift_report  # noqa: PLC0415
     from ..transform.lineage import read_lineage  # noqa: PLC0415
 
-    with Progress(console=err_console, transient=True) as bar:
+    with Progress(console=err_console, transient=True, disable=not err_console.is_terminal) as bar:  # no stray line in a pipe
         task = bar.add_task(f"streaming {steps} steps through both models", total=steps)
         report = drift_report(model if cand is None else cand, reference if ref is None else ref, steps=steps, chunk=chunk, batch=batch, streams=data, seed=seed,
                               progress=lambda done: bar.update(task, completed=done))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from .timing import MIN_WINDOW_STEPS, STABLE_WINDOWS, Timing, Window, spread
 from ..contract import StreamingSpec
 from ..errors import InputError, WmdeployError
 from ..runners import axis_sizes, sample_inputs
+from ..triton import default_model_name
 
 
 class ServerError(WmdeployError):
@@ -192,7 +192,7 @@ def profile_server(url: str, files: Sequence[Any], concurrency: Sequence[int] = 
             if url.startswith("grpc://"):  # KServe v2 over gRPC (wmdeploy serve --grpc-port)
                 from .grpc_load import measure_grpc  # noqa: PLC0415
 
-                cell.timing, cell.state_changed = measure_grpc(url, Path(facts.file).stem, facts.spec, c, chunk,
+                cell.timing, cell.state_changed = measure_grpc(url, default_model_name(facts.file), facts.spec, c, chunk,
                                                                settings, api_key, on_window, _windows, ServerError)
             else:
                 cell.timing, cell.state_changed = measure_server(url, facts.spec, c, chunk, settings, api_key,

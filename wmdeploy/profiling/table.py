@@ -103,8 +103,10 @@ def render(report: "ProfileReport", width: int | None = None) -> Any:
 
     s = report.settings
     window = f"{s['steps']} steps" if s["steps"] else f"{s['seconds']:g} s"
+    wire = "gRPC" if str(s.get("url", "")).startswith("grpc://") else "HTTP"
+    items = f"chunk per request, end to end over {wire}" if s["mode"] == "server" else "batch x chunk"
     caption = (f"ms per step; percentiles over every step of the last 3 windows ({window} each, after {s['warmup']} "
-               f"warm-up steps); items = {'chunk per request, end to end over HTTP' if s['mode'] == 'server' else 'batch x chunk'}; floor = (weights + 2 x batch x state) / bandwidth; "
+               f"warm-up steps); items = {items}; floor = (weights + 2 x batch x state) / bandwidth; "
                f"speedup = p50 of {escape(report.baseline or '')} / p50; unsettled = the last 3 window medians still differ by "
                f"more than {s['stability']:.0%} after {s['max_windows']} windows")
     if dropped:

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import InputError, WmdeployError
 from ..streaming import Model, load
+from ..triton import default_model_name
 from . import kserve
 from ._asgi import Guard
 from ._common import Ctx, ModelNotFound, NotStateful, classify, client_key, one_line
@@ -95,7 +96,7 @@ class ServeConfig:
 
     @property
     def model_name(self) -> str:
-        return self.name or Path(self.model).stem
+        return self.name or default_model_name(self.model)  # the name `wmdeploy triton` gives the same file
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
