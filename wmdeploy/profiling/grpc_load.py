@@ -19,7 +19,7 @@ import numpy as np
 from ..contract import StreamingSpec
 from ..errors import InputError
 from ..runners import axis_sizes, sample_inputs
-from .timing import STABLE_WINDOWS, Timing, spread
+from .timing import Timing
 
 
 # KServe datatypes (as in wmdeploy.serve.kserve, which is not imported here: the serve package needs fastapi)
@@ -100,9 +100,7 @@ async def _cell(url: str, target: str, model: str, spec: StreamingSpec, concurre
     for res in done:
         if isinstance(res, BaseException):
             raise res
-    timing = Timing(windows, len(windows) >= STABLE_WINDOWS and spread([w.p50_s for w in windows[-STABLE_WINDOWS:]])
-                    <= settings["stability"], settings["warmup"], windows[-STABLE_WINDOWS:])
-    return timing, all(done)
+    return Timing.of(windows, settings["stability"], settings["warmup"]), all(done)
 
 
 def measure_grpc(url: str, default_model: str, spec: StreamingSpec, concurrency: int, chunk: int,

@@ -103,9 +103,7 @@ async def _measure(client: Any, ids: list[str], spec: StreamingSpec, chunk: int,
     for exc in done:
         if isinstance(exc, BaseException):
             raise exc
-    timing = Timing(windows, len(windows) >= STABLE_WINDOWS and spread([w.p50_s for w in windows[-STABLE_WINDOWS:]])
-                    <= settings["stability"], settings["warmup"], windows[-STABLE_WINDOWS:])
-    return timing, all(acked[s] == sent[s] > 0 for s in ids)
+    return Timing.of(windows, settings["stability"], settings["warmup"]), all(acked[s] == sent[s] > 0 for s in ids)
 
 
 async def _windows(samples: list[float], tasks: list[asyncio.Task], settings: dict[str, Any], concurrency: int,

@@ -38,6 +38,11 @@ def spread(values: Sequence[float]) -> float:
     return float("inf") if lo <= 0 else max(values) / lo - 1.0
 
 
+def settles(windows: Sequence["Window"], stability: float) -> bool:
+    """Whether the last ``STABLE_WINDOWS`` window medians agree within ``stability`` (a fraction)."""
+    return len(windows) >= STABLE_WINDOWS and spread([w.p50_s for w in windows[-STABLE_WINDOWS:]]) <= stability
+
+
 @dataclass
 class Window:
     samples_s: list[float]
@@ -74,6 +79,12 @@ class Timing:
     def stability(self) -> float:
         return spread([w.p50_s for w in self.reported])
 
+    @classmethod
+    def of(cls, windows: list[Window], stability: float, warmup: int) -> "Timing":
+        """The timing of ``windows`` (their last ``STABLE_WINDOWS`` reported): settled when those medians
+        agree within ``stability``."""
+        return cls(windows, settles(windows, stability), warmup, windows[-STABLE_WINDOWS:])
+
     def to_dict(self) -> dict[str, Any]:
         return {"windows": len(self.windows), "settled": self.settled, "stability": self.stability,
                 "window_p50_ms": [w.p50_s * 1e3 for w in self.windows],
@@ -92,7 +103,6 @@ def measure(step: Callable[[], Any], *, warmup: int, window_steps: int | None, w
         step()
     clock = time.perf_counter_ns
     windows: list[Window] = []
-    settled = False
     while len(windows) < max_windows:
         samples: list[float] = []
         start = clock()
@@ -110,7 +120,6 @@ def measure(step: Callable[[], Any], *, warmup: int, window_steps: int | None, w
         windows.append(Window(samples, (clock() - start) * 1e-9))
         if on_window is not None:
             on_window(len(windows), windows[-1].p50_s)
-        if len(windows) >= STABLE_WINDOWS and spread([w.p50_s for w in windows[-STABLE_WINDOWS:]]) <= stability:
-            settled = True
+        if settles(windows, stability):
             break
-    return Timing(windows, settled, warmup, windows[-STABLE_WINDOWS:])
+    return Timing.of(windows, stability, warmup)
