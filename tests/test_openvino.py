@@ -289,6 +289,7 @@ def test_serve_on_openvino_batches_sessions_like_onnxruntime(rt_lstm_path, pair)
 
     from _serve_server import ThreadServer
     from wmdeploy.serve import ServeConfig
+    from wmdeploy.triton import default_model_name
 
     ort_model, _ = pair["lstm"]
     srv = ThreadServer(ServeConfig(rt_lstm_path, backend="openvino", backend_options={"precision": "f32"}))
@@ -308,5 +309,10 @@ def test_serve_on_openvino_batches_sessions_like_onnxruntime(rt_lstm_path, pair)
                     np.testing.assert_allclose(np.array(answers[sid].json()["outputs"]["logits"], np.float32), want, **TOL)
             bad = c.post(f"/v1/sessions/{ids[0]}/step", json={"inputs": {"tokens": [[1.5]]}})
             assert bad.status_code == 400 and "'tokens'" in bad.json()["error"]
+            # KServe metadata and the Triton-style config name the engine that runs the file
+            name = default_model_name(rt_lstm_path)
+            assert c.get(f"/v2/models/{name}").json()["platform"] == "openvino"
+            assert c.get(f"/v2/models/{name}/config").json()["backend"] == "openvino"
     finally:
         srv.stop()
+

@@ -151,15 +151,19 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
                                "max_batch": config.max_batch, "window_ms": config.batch_window_ms,
                                "max_chunk": max_chunk, "host": config.host, "api_keys": len(config.api_keys)})
 
+    # what the KServe/Triton metadata and config routes (HTTP and gRPC) answer, built once
+    metadata_doc = kserve.model_metadata(name, spec, backend=model.backend_name)
+    model_config_doc = kserve.model_config(name, spec, max_batch=config.max_batch, window_ms=config.batch_window_ms,
+                                           ttl=config.session_ttl, max_sessions=config.max_sessions,
+                                           backend=model.backend_name)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         grpc_server = None
         if config.grpc_port is not None:  # on this loop, into the same batcher: gRPC and HTTP batch together
             from .grpc_service import InferenceService, start_grpc  # noqa: PLC0415  (the [grpc] extra)
 
-            service = InferenceService(ctx, name, kserve.model_config(
-                name, spec, max_batch=config.max_batch, window_ms=config.batch_window_ms, ttl=config.session_ttl,
-                max_sessions=config.max_sessions), config.api_keys)
+            service = InferenceService(ctx, name, model_config_doc, metadata_doc, config.api_keys)
             grpc_server, app.state.grpc_port = await start_grpc(service, config.host, config.grpc_port,
                                                                 config.max_request_bytes)
             log.info("grpc", extra={"event": "grpc_start", "host": config.host, "grpc_port": app.state.grpc_port})
@@ -228,7 +232,7 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
     @app.get("/v2/models/{m}/versions/{version}")
     async def metadata(m: str, version: str | None = None) -> dict[str, Any]:
         _check_model(m, version)
-        return kserve.model_metadata(name, spec)
+        return metadata_doc
 
     @app.get("/v2/models/{m}/ready", summary="Model readiness")
     @app.get("/v2/models/{m}/versions/{version}/ready")
@@ -240,8 +244,7 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
     @app.get("/v2/models/{m}/versions/{version}/config")
     async def model_config(m: str, version: str | None = None) -> dict[str, Any]:
         _check_model(m, version)
-        return kserve.model_config(name, spec, max_batch=config.max_batch, window_ms=config.batch_window_ms,
-                                   ttl=config.session_ttl, max_sessions=config.max_sessions)
+        return model_config_doc
 
     @app.post("/v2/models/{m}/infer", summary="Infer one chunk of a sequence (parameters.sequence_id, "
                                                "sequence_start, sequence_end); JSON or binary tensors")

@@ -129,8 +129,8 @@ def decode(spec: StreamingSpec, req: pb.ModelInferRequest, check: kserve.Check) 
                 raise kserve.KServeError(f"output '{o.name}': parameters.{key} is not supported by this server")
     params = _params(req.parameters)
     return kserve.InferRequest(
-        id=req.id or None, sequence=kserve._sequence_key(params), start=kserve._flag(params, "sequence_start"),
-        end=kserve._flag(params, "sequence_end"), inputs=feeds,
+        id=req.id or None, sequence=kserve.sequence_key(params), start=kserve.flag(params, "sequence_start"),
+        end=kserve.flag(params, "sequence_end"), inputs=feeds,
         outputs=[(o.name, True) for o in req.outputs] or None, binary_default=True)
 
 
@@ -172,11 +172,11 @@ def config_message(config: dict[str, Any]) -> mc.ModelConfig:
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The RPCs; every step is a :class:`~.batcher.StepJob` on the server's one batcher."""
 
-    def __init__(self, ctx: Ctx, name: str, config: dict[str, Any], api_keys: tuple[str, ...],
-                 stream_window: int = 256) -> None:
+    def __init__(self, ctx: Ctx, name: str, config: dict[str, Any], metadata: dict[str, Any],
+                 api_keys: tuple[str, ...], stream_window: int = 256) -> None:
         self.ctx, self.name, self.spec, self.metrics = ctx, name, ctx.spec, ctx.metrics
         self.config = config_message(config)
-        self.metadata = json_format.ParseDict(kserve.model_metadata(name, ctx.spec), pb.ModelMetadataResponse())
+        self.metadata = json_format.ParseDict(metadata, pb.ModelMetadataResponse())
         self.guard = Guard(None, ctx.metrics, api_keys, 1) if api_keys else None  # only its key check is used
         self.stream_window = stream_window
         self.data_outputs = {t.name for t in ctx.spec.outputs}

@@ -60,14 +60,14 @@ class InferRequest:
     binary_default: bool
 
 
-def _flag(params: dict[str, Any], name: str) -> bool:
+def flag(params: dict[str, Any], name: str) -> bool:
     v = params.get(name, False)
     if not isinstance(v, bool):
         raise KServeError(f"parameters.{name}: {v!r}, expected true or false")
     return v
 
 
-def _sequence_key(params: dict[str, Any]) -> str | None:
+def sequence_key(params: dict[str, Any]) -> str | None:
     sid = params.get("sequence_id", 0)
     if isinstance(sid, bool) or not isinstance(sid, (int, str)):
         raise KServeError(f"parameters.sequence_id: {str(sid)[:80]!r}, expected a uint64 or a string")
@@ -192,11 +192,11 @@ def decode_request(spec: StreamingSpec, body: bytes, header_length: str | None, 
             op = o.get("parameters") or {}
             if not isinstance(op, dict):
                 raise KServeError(f"output '{name}': parameters must be an object")
-            outputs.append((name, bool(op.get("binary_data", _flag(params, "binary_data_output")))))
+            outputs.append((name, bool(op.get("binary_data", flag(params, "binary_data_output")))))
     rid = req.get("id")
-    return InferRequest(id=str(rid) if rid is not None else None, sequence=_sequence_key(params),
-                        start=_flag(params, "sequence_start"), end=_flag(params, "sequence_end"),
-                        inputs=feeds, outputs=outputs, binary_default=_flag(params, "binary_data_output"))
+    return InferRequest(id=str(rid) if rid is not None else None, sequence=sequence_key(params),
+                        start=flag(params, "sequence_start"), end=flag(params, "sequence_end"),
+                        inputs=feeds, outputs=outputs, binary_default=flag(params, "binary_data_output"))
 
 
 def encode_response(model_name: str, req: InferRequest, tensors: dict[str, np.ndarray],
@@ -227,17 +227,23 @@ def encode_response(model_name: str, req: InferRequest, tensors: dict[str, np.nd
                                     "inference-header-content-length": str(len(text))}
 
 
-def model_metadata(name: str, spec: StreamingSpec) -> dict[str, Any]:
+def platform_of(backend: str) -> str:
+    """Triton's ``platform`` for the engine that runs the ONNX file: ``onnxruntime_onnx`` for ONNX Runtime
+    (any provider), else the backend's name, as Triton reports backend-defined models (``openvino``)."""
+    return "onnxruntime_onnx" if backend.startswith("onnxruntime") else backend
+
+
+def model_metadata(name: str, spec: StreamingSpec, backend: str = "onnxruntime") -> dict[str, Any]:
     def dims(shape: tuple[Any, ...]) -> list[int]:
         return [1 if d == BATCH else (d if isinstance(d, int) else -1) for d in shape]
 
-    return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+    return {"name": name, "versions": ["1"], "platform": platform_of(backend),
             "inputs": [{"name": t.name, "datatype": TO_KSERVE[t.dtype], "shape": dims(t.shape)} for t in spec.inputs],
             "outputs": [{"name": t.name, "datatype": TO_KSERVE[t.dtype], "shape": dims(t.shape)} for t in spec.outputs]}
 
 
 def model_config(name: str, spec: StreamingSpec, *, max_batch: int, window_ms: float, ttl: float | None,
-                 max_sessions: int) -> dict[str, Any]:
+                 max_sessions: int, backend: str = "onnxruntime") -> dict[str, Any]:
     """A Triton-style model configuration (``max_batch_size`` 0: dims carry the batch axis as 1)."""
     def dims(shape: tuple[Any, ...]) -> list[int]:
         return [1 if d == BATCH else (d if isinstance(d, int) else -1) for d in shape]
@@ -254,7 +260,8 @@ def model_config(name: str, spec: StreamingSpec, *, max_batch: int, window_ms: f
     }
     if ttl is not None:
         seq["max_sequence_idle_microseconds"] = int(ttl * 1e6)
-    return {"name": name, "platform": "onnxruntime_onnx", "backend": "onnxruntime", "max_batch_size": 0,
+    engine = "onnxruntime" if backend.startswith("onnxruntime") else backend
+    return {"name": name, "platform": platform_of(backend), "backend": engine, "max_batch_size": 0,
             "input": [tio(t) for t in spec.inputs], "output": [tio(t) for t in spec.outputs],
             "sequence_batching": seq,
             "parameters": {"wmdeploy.max_batch": {"string_value": str(max_batch)},
