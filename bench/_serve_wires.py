@@ -1,7 +1,8 @@
 """Load generators for `bench_serve.py`: one KServe v2 sequence per session over HTTP JSON, HTTP binary,
-gRPC unary ``ModelInfer`` and one gRPC ``ModelStreamInfer`` stream carrying every sequence.
+gRPC unary ``ModelInfer`` and one gRPC ``ModelStreamInfer`` stream carrying every sequence (one request
+at a time per sequence, or ``PIPELINE_DEPTH`` in flight).
 
-Each session sends its chunks one request at a time (the next after the answer), the first with
+Each session sends its chunks one request at a time (the next after the answer) unless pipelined, the first with
 ``sequence_start``, the last with ``sequence_end``; the client decodes every answer's logits into numpy
 (part of the cost). One asyncio loop, raw HTTP/1.1 keep-alive connections (one per session) or one gRPC
 channel (HTTP/2, multiplexed), like the session API's generator in bench_serve.py.
@@ -17,7 +18,11 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 from _serve_proc import Conn
 
-WIRES = ("v2 HTTP JSON", "v2 HTTP binary", "v2 gRPC", "v2 gRPC stream")
+WIRES = ("v2 HTTP JSON", "v2 HTTP binary", "v2 gRPC", "v2 gRPC stream", "v2 gRPC stream, 2 in flight")
+#: requests a sequence keeps in flight on the pipelined stream: the next chunk is written before the answer
+#: to the previous one arrives (what an audio or sensor client streaming with async_stream_infer does;
+#: the server still applies each sequence's chunks in order)
+PIPELINE_DEPTH = 2
 
 
 async def drive(sessions: int, steps: int, warmup: int,
@@ -97,7 +102,47 @@ def _grpc_request(pb: Any, sid: int, k: int, last: bool, tokens: np.ndarray, rid
     return req
 
 
-async def v2_grpc(port: int, sessions: int, chunk: int, steps: int, stream: bool, warmup: int = 2) -> tuple[float, list[float]]:
+async def drive_pipelined(sessions: int, steps: int, warmup: int, depth: int,
+                          send: Callable[[int, int, bool], Awaitable["asyncio.Future[Any]"]]) -> tuple[float, list[float]]:
+    """Like :func:`drive`, but each session keeps up to ``depth`` requests in flight (``send`` writes one and
+    returns the future of its answer); a latency is from a request's write to its answer."""
+    lat: list[float] = []
+    go, warm = asyncio.Event(), [0]
+    total = warmup + steps
+
+    async def run(i: int) -> None:
+        inflight: list[tuple[float, Any, bool]] = []
+
+        async def settle(n: int) -> None:
+            while len(inflight) > n:
+                t0, fut, timed = inflight.pop(0)
+                await fut
+                if timed:
+                    lat.append(time.perf_counter() - t0)
+
+        for k in range(total):
+            if k == warmup:
+                await settle(0)
+                warm[0] += 1
+                await go.wait()
+            await settle(depth - 1)
+            inflight.append((time.perf_counter(), await send(i, k, k == total - 1), k >= warmup))
+        await settle(0)
+
+    tasks = [asyncio.create_task(run(i)) for i in range(sessions)]
+    while warm[0] < sessions:
+        for t in tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        await asyncio.sleep(0.005)
+    go.set()
+    t0 = time.perf_counter()
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - t0, lat
+
+
+async def v2_grpc(port: int, sessions: int, chunk: int, steps: int, stream: bool, warmup: int = 2,
+                  depth: int = 1) -> tuple[float, list[float]]:
     import grpc  # noqa: PLC0415
     from tritonclient.grpc import service_pb2 as pb  # noqa: PLC0415
     from tritonclient.grpc import service_pb2_grpc as pb_grpc  # noqa: PLC0415
@@ -121,16 +166,31 @@ async def v2_grpc(port: int, sessions: int, chunk: int, steps: int, stream: bool
 
         read = asyncio.create_task(reader())
 
-        async def step(i: int, k: int, last: bool) -> None:
+        async def send(i: int, k: int, last: bool) -> "asyncio.Future[Any]":
             rid = f"{i}:{k}"
             fut = waiting[rid] = asyncio.get_running_loop().create_future()
             async with lock:
                 await call.write(_grpc_request(pb, base + i, k, last, rng.integers(0, 256, size=(1, chunk)), rid))
-            resp = await fut
+            return fut
+
+        def answered(fut: "asyncio.Future[Any]") -> None:
+            resp = fut.result()
             assert not resp.error_message, resp.error_message
             np.frombuffer(resp.infer_response.raw_output_contents[0], "<f4")
 
+        async def step(i: int, k: int, last: bool) -> None:
+            fut = await send(i, k, last)
+            await fut
+            answered(fut)
+
+        async def send_checked(i: int, k: int, last: bool) -> "asyncio.Future[Any]":
+            fut = await send(i, k, last)
+            fut.add_done_callback(answered)  # decoded as it arrives, like the one-at-a-time client
+            return fut
+
         try:
+            if depth > 1:
+                return await drive_pipelined(sessions, steps, warmup, depth, send_checked)
             return await drive(sessions, steps, warmup, step)
         finally:
             await call.done_writing()

@@ -122,7 +122,8 @@ def measure(srv: Server, label: str, sessions: int, chunk: int, steps: int, enco
     elif wire.startswith("v2 HTTP"):
         wall, lat = asyncio.run(wires.v2_http(srv.port, sessions, chunk, steps, binary=wire == "v2 HTTP binary"))
     else:
-        wall, lat = asyncio.run(wires.v2_grpc(srv.grpc_port, sessions, chunk, steps, stream=wire == "v2 gRPC stream"))
+        wall, lat = asyncio.run(wires.v2_grpc(srv.grpc_port, sessions, chunk, steps, stream="stream" in wire,
+                                              depth=wires.PIPELINE_DEPTH if "in flight" in wire else 1))
     after = srv.metrics()
     d = {k: metric(after, k) - metric(before, k) for k in (
         "wmdeploy_batch_size_count", "wmdeploy_batch_size_sum", "wmdeploy_compute_seconds_sum",
