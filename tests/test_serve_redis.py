@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from _redis_server import RedisServer
 from _serve_server import ProcessServer, free_port
 
 pytest.importorskip("redis")
@@ -27,40 +27,6 @@ if shutil.which("redis-server") is None:
 
 K1, K2 = "key-one-0123456789", "key-two-0123456789"
 H1, H2 = {"X-API-Key": K1}, {"X-API-Key": K2}
-
-
-class RedisServer:
-    """``redis-server`` on 127.0.0.1:PORT with its AOF in ``dir``; ``kill()`` is kill -9, ``start()`` again
-    replays the AOF on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir, self.port = directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis  # noqa: PLC0415
-
-        client, deadline = redis.Redis(port=self.port, socket_timeout=1), time.monotonic() + 20
-        while True:
-            try:
-                if client.ping():
-                    return
-            except redis.exceptions.RedisError:  # refused, or still loading the AOF
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
