@@ -240,7 +240,18 @@ class OrtCudaBackend(OrtBackend):
         return CudaCopier(self.device_id) if which == "cuda" else RoundTripCopier()
 
     def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.mem_type, self.device_id)
+        """A device buffer. Out of memory is a ``MemoryError`` (the CUDA allocator raises its own
+        RuntimeException), so that a pool that cannot grow says CapacityError and one that cannot shrink
+        keeps its memory, instead of a step failing after its streams moved."""
+        try:
+            return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.mem_type, self.device_id)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ORT's pybind exception types
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "alloc" in text.lower() or "memory" in text.lower():
+                raise MemoryError(f"{self.mem_type}:{self.device_id}: cannot allocate {list(shape)} {np.dtype(dtype)}: {text}") from None
+            raise BackendError(f"onnxruntime cannot allocate {list(shape)} {np.dtype(dtype)} on {self.mem_type}: {text}") from None
 
     @classmethod
     def available(cls, device: str) -> tuple[bool, str]:
@@ -292,8 +303,9 @@ class OrtCudaBackend(OrtBackend):
             arena.parity[slots.start:slots.stop] ^= 1
         else:
             arena.scatter_from(idx, entry.scratch[1], flip=True)
-        if entry.outputs is not None:
-            return {name: v.numpy() for name, v in zip(names, entry.outputs)}  # device -> fresh host arrays
+        if entry.outputs is not None:  # device -> fresh host arrays; a host OrtValue's numpy() is a view of
+            # the fixed buffer that this binding's next run overwrites: copy it (host_memory mode)
+            return {name: v.numpy().copy() if self.host_memory else v.numpy() for name, v in zip(names, entry.outputs)}
         values = io.get_outputs()
         result = {name: values[i].numpy() for i, name in enumerate(names)}
         if self.cuda_graph:

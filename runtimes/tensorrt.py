@@ -66,7 +66,12 @@ class DeviceBuffer:
 
     def __init__(self, copier: CudaCopier, nbytes: int) -> None:
         self.rt, self.nbytes = copier.rt, max(int(nbytes), _ALIGN)  # never a null address, even for 0 bytes
-        self.ptr = int(copier._check(self.rt.cudaMalloc(self.nbytes), "cudaMalloc"))
+        try:
+            self.ptr = int(copier._check(self.rt.cudaMalloc(self.nbytes), "cudaMalloc"))
+        except BackendError as exc:  # out of memory is MemoryError: a pool's join says CapacityError for it
+            if "MemoryAllocation" in str(exc):
+                raise MemoryError(f"{exc} ({self.nbytes} bytes)") from None
+            raise
 
     def data_ptr(self) -> int:
         return self.ptr

@@ -108,3 +108,33 @@ def gru_reference(x: np.ndarray, h0: np.ndarray | None = None, seed: int = 0, sc
         h = (1 - z) * hh + z * h
         ys.append(h)
     return (scale * np.stack(ys)).astype(np.float32), h[None].astype(np.float32)
+
+
+def build_narrow_onnx(path: Path) -> Path:
+    """Inputs of narrow dtypes: ids int32, level uint8, gain float16, each [batch, time]; state acc [batch]
+    float32 += the sum of all three over time; y [batch] = the new acc."""
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto as T, helper, numpy_helper  # noqa: PLC0415
+
+    n = helper.make_node
+    nodes = [n("Cast", ["ids"], ["a"], to=T.FLOAT), n("Cast", ["level"], ["b"], to=T.FLOAT),
+             n("Cast", ["gain"], ["c"], to=T.FLOAT), n("Add", ["a", "b"], ["ab"]), n("Add", ["ab", "c"], ["abc"]),
+             n("ReduceSum", ["abc", "ax1"], ["s"], keepdims=0), n("Add", ["acc", "s"], ["acc_out"]),
+             n("Identity", ["acc_out"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "narrow",
+        [helper.make_tensor_value_info("ids", T.INT32, ["B", "T"]),
+         helper.make_tensor_value_info("level", T.UINT8, ["B", "T"]),
+         helper.make_tensor_value_info("gain", T.FLOAT16, ["B", "T"]),
+         helper.make_tensor_value_info("acc", T.FLOAT, ["B"])],
+        [helper.make_tensor_value_info("y", T.FLOAT, ["B"]), helper.make_tensor_value_info("acc_out", T.FLOAT, ["B"])],
+        [numpy_helper.from_array(np.array([1], np.int64), "ax1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    spec = StreamingSpec(
+        inputs=[TensorSpec("ids", ["batch", "time"], "int32"), TensorSpec("level", ["batch", "time"], "uint8"),
+                TensorSpec("gain", ["batch", "time"], "float16")],
+        outputs=[TensorSpec("y", ["batch"])],
+        states=[StateSpec("acc", ["batch"], output="acc_out")])
+    onnx.save(write_spec(model, spec), str(path))
+    return path

@@ -99,3 +99,27 @@ class ProcessServer:
     def _close_log(self) -> None:
         if self._log is not subprocess.DEVNULL and not self._log.closed:
             self._log.close()
+
+
+class FaultyStore:
+    """A server's own store with a fault switch (a disk that fills, a store that hangs): every write sleeps
+    ``delay`` s, and raises ``fail`` while it is set (the next ``fail_times`` writes only, when that is set)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.fail, self.fail_times, self.delay = inner, None, None, 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.inner
+
+    def append(self, records: list[tuple[str, bytes | None]]) -> Any:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail is not None and self.fail_times != 0:
+            if self.fail_times is not None:
+                self.fail_times -= 1
+            raise self.fail
+        return self.inner.append(records)
+

@@ -93,3 +93,25 @@ def test_a_forgotten_constant_is_named_with_the_flag_that_adopts_it(rt_gru_bare_
     assert len(graph_scale.type.tensor_type.shape.dim) == 0  # a scalar, as outside projects declare a sample rate
     with pytest.raises(SpecError, match=r"tensor 'scale': a scalar has no batch axis; pass --const scale=VALUE"):
         annotate(rt_gru_bare_path, tmp_path / "x.onnx", states=["h=hN@1"])
+
+
+def test_a_time_major_fixed_batch_file_keeps_its_time_axis(rt_gru_bare_path, tmp_path):
+    """x [T, 1, 3] / h [1, 1, H], as a time-major export with batch 1 leaves them: the only dynamic axis T was
+    taken for the batch, so a stream refused every chunk longer than one frame ("axis 0 ('batch') has size 5,
+    expected 1"). The axis the graph fixes at 1 is the batch axis."""
+    model = onnx.load(str(rt_gru_bare_path))
+    for vi in (*model.graph.input, *model.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param == "B":
+                d.dim_value = 1
+    src = tmp_path / "fixed.onnx"
+    onnx.save(model, str(src))
+    spec = annotate(src, tmp_path / "fixed.wm.onnx", states=["h=hN@1"], consts=["scale=0.25"])
+    assert spec.max_batch == 1 and spec.inputs[0].shape == ("T", "batch", 3)
+    assert spec.outputs[0].shape == ("T", "batch", GRU_HIDDEN)
+    x = np.random.default_rng(6).normal(size=(10, 1, 3)).astype(np.float32)
+    s = wmdeploy.load(tmp_path / "fixed.wm.onnx").stream()
+    ys = [s.step(x=x[t:t + n])["y"] for t, n in ((0, 1), (1, 4), (5, 5))]
+    y_ref, h_ref = gru_reference(x, scale=0.25)
+    np.testing.assert_allclose(np.concatenate(ys), y_ref, atol=1e-5)
+    np.testing.assert_allclose(s.state["h"], h_ref, atol=1e-5)

@@ -110,3 +110,43 @@ def test_every_command_has_help_with_an_example(command):
     assert f"wmdeploy {command} " in example, result.output
     if command == "verify":  # a bracketed word survives as text
         assert "wmdeploy[plot]" in result.output
+
+
+@pytest.mark.parametrize("command", ["export", "verify"])
+def test_a_json_path_that_cannot_be_written_is_one_line_before_any_work(rt_lstm_path, tmp_path, command):
+    """`--json DIR` (or into a missing folder) was a traceback (IsADirectoryError) after the whole export or
+    verification had run; it is one line and exit 2, and export writes no model file."""
+    out = tmp_path / "m.onnx"
+    base = (["export", f"{MODELS}:TinyLSTM", "-o", str(out)] if command == "export"
+            else ["verify", str(rt_lstm_path)])
+    for bad, why in ((tmp_path, "it is a directory"), (tmp_path / "no" / "r.json", "no directory")):
+        result = runner.invoke(app, [*base, "--json", str(bad)])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: --json {bad}: cannot write it") and why in lines[0], lines
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--atol", "nan"), ("--rtol", "nan"), ("--atol", "-1"), ("--rtol", "inf")])
+def test_a_tolerance_that_is_not_a_finite_non_negative_number_is_refused(rt_lstm_path, flag, value):
+    """`--atol nan` made every comparison pass (`max(-inf, nan)` is -inf): 'ok ... within tolerance atol=nan'."""
+    result = runner.invoke(app, ["verify", str(rt_lstm_path), flag, value])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {flag} {float(value):g}: expected a finite number >= 0", result.output
+
+
+def test_a_path_with_brackets_is_printed_as_it_is(rt_lstm_path, tmp_path):
+    """Paths went through Rich markup: 'lm[v2].onnx' was printed as 'lm.onnx', and a folder such as 'runs[/x]'
+    ('runs[' holding 'x]') made inspect and verify end in a MarkupError traceback."""
+    import shutil
+
+    for rel in ("lm[v2].onnx", "runs[/x]/lm[red].onnx"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(rt_lstm_path, path)
+        for args in (["inspect", str(path)], ["verify", str(path)]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, result.output
+            assert str(path) in "".join(result.output.split()), result.output  # Rich wraps at 80 columns
+        result = runner.invoke(app, ["annotate", str(tmp_path / "none[/x].onnx"), "-o", str(path), "--state", "h=h_out"])
+        assert result.exit_code == 2 and str(tmp_path / "none[/x].onnx") in result.output, result.output

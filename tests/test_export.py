@@ -143,6 +143,24 @@ def test_unresolvable_targets_are_one_line_errors(target, kwargs, message):
     assert message in str(info.value)
 
 
+def test_a_checkpoint_saved_from_data_parallel_or_torch_compile_loads(tmp_path):
+    """DataParallel / DistributedDataParallel save every key as 'module.<key>' and torch.compile as
+    '_orig_mod.<key>': such a checkpoint was refused ("missing [...]; unexpected ['module.lstm...']")."""
+    torch.manual_seed(2)
+    trained = cm.TinyLSTM(hidden=7)
+    ckpt = tmp_path / "dp.pt"
+    state = {f"_orig_mod.module.{k}": v for k, v in trained.state_dict().items()}
+    torch.save({"model_state_dict": state, "config": {"hidden": 7}, "optimizer": {"lr": 0.1}}, ckpt)
+    module = load_module("tests.contract_models:TinyLSTM", checkpoint=ckpt)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(module.state_dict()[key], value)
+    # a prefix that not every key carries is not a wrapper's: still refused, naming the keys
+    half = {("module." + k if i % 2 else k): v for i, (k, v) in enumerate(trained.state_dict().items())}
+    torch.save(half, ckpt)
+    with pytest.raises(ExportError, match="does not match TinyLSTM: missing"):
+        load_module("tests.contract_models:TinyLSTM", config={"hidden": 7}, checkpoint=ckpt)
+
+
 def test_mismatched_checkpoint_is_refused(tmp_path):
     ckpt = tmp_path / "other.pt"
     torch.save(cm.TinyLSTM(hidden=5).state_dict(), ckpt)

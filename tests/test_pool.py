@@ -76,6 +76,22 @@ def test_capacity_and_unknown_streams(rt_gru):
         pool.step({a: {"x": np.ones((1, 1, 3), np.float32)}})
 
 
+def test_only_an_int_names_a_stream(rt_gru):
+    """True == 1 and 1.0 == 1 in a dict: they must not leave, reset or step stream 1 (nor a numpy int fail)."""
+    pool = rt_gru.pool(4)
+    sids = [pool.join() for _ in range(3)]
+    x = {"x": np.ones((1, 1, 3), np.float32)}
+    for bad in (True, 1.0):
+        for call in (pool.leave, pool.reset, pool.state, pool.snapshot, lambda s: pool.step({s: x})):
+            with pytest.raises(InputError, match="not in this pool"):
+                call(bad)
+        assert bad not in pool
+    assert pool.sids == sids and pool.state(1)["h"].any() == False  # noqa: E712  (never stepped)
+    assert set(pool.step({np.int64(1): x})) == {1}
+    pool.leave(np.int64(1))
+    assert pool.sids == [0, 2]
+
+
 def test_bad_request_steps_no_stream(rt_gru):
     pool = rt_gru.pool(4)
     a, b = pool.join(), pool.join()
@@ -245,3 +261,87 @@ def test_mixed_parities_heal_back_to_the_view_path(rt_lstm):
     pool._arena._bindings.clear()  # white-box: which bindings the next step makes
     step(full())
     assert [k[0] for k in pool._arena._bindings] == ["view"]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "openvino", "device", "device-graph", "generic", "fake-trt"])
+def test_outputs_kept_from_a_step_never_change_later(request, kind, rt_gru_path, tmp_path):
+    """A caller keeping step k's outputs must not see them change at step k+1, k+2 (a ping-pong binding
+    replays every other step): a Stream (view path), a full pool (view) and pool subsets (gather)."""
+    from test_pool_growth import _PlainBackend, make_model
+    from wmdeploy.streaming import Model
+
+    if kind == "fake-trt":
+        request.getfixturevalue("fake")
+    if kind == "openvino":
+        pytest.importorskip("openvino")
+        model = wmdeploy.load(rt_gru_path, backend="openvino")
+    else:
+        model = Model(_PlainBackend(rt_gru_path, None)) if kind == "generic" else make_model(kind, rt_gru_path, tmp_path)
+    rng = np.random.default_rng(5)
+    kept = []
+    stream = model.stream()
+    for _ in range(5):
+        kept.append(stream.step(**_input(model, rng, 2))["y"])
+    pool = model.pool(4)
+    sids = [pool.join() for _ in range(4)]
+    for i in range(6):
+        stepping = sids if i % 2 else [sids[0], sids[2]]
+        out = pool.step({s: _input(model, rng, 2) for s in stepping})
+        kept += [out[s]["y"] for s in stepping]
+    copies = [k.copy() for k in kept]
+    for _ in range(3):
+        stream.step(**_input(model, rng, 2))
+        pool.step({s: _input(model, rng, 2) for s in sids})
+        pool.step({s: _input(model, rng, 2) for s in sids[1:3]})
+    for i, (k, c) in enumerate(zip(kept, copies)):
+        np.testing.assert_array_equal(k, c, err_msg=f"output {i} changed after later steps")
+
+
+@pytest.mark.parametrize("kind", ["device", "fake-trt"])
+def test_device_memory_running_out_on_grow_or_shrink_is_a_capacity_error_or_nothing(request, kind, rt_gru_path, tmp_path,
+                                                                                   monkeypatch):
+    """ONNX Runtime's CUDA allocator fails with its own RuntimeException ("Failed to allocate memory ...",
+    not MemoryError), cudaMalloc with cudaErrorMemoryAllocation. A join that cannot grow is a CapacityError
+    with the pool unchanged; a shrink that cannot allocate (tried on leave and after a step) is skipped:
+    the leave is done, the step's results come back and its streams moved exactly once."""
+    import enum
+
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+    from test_pool_growth import make_model
+
+    if kind == "fake-trt":
+        request.getfixturevalue("fake")
+    model = make_model(kind, rt_gru_path, tmp_path)
+    ref = wmdeploy.load(rt_gru_path)
+    rng = np.random.default_rng(9)
+    pool = model.pool(shrink_after_s=0)
+    sids = [pool.join() for _ in range(4)]
+    alone = {s: ref.stream() for s in sids}
+    for _ in range(2):  # a step of the shape used below (both parities), so that it needs no new buffers
+        reqs = {sids[0]: _input(model, rng, 2)}
+        pool.step(reqs)
+        alone[sids[0]].step(**reqs[sids[0]])
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for "
+                               "requested buffer of size 4096")
+
+    cuda_error = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorMemoryAllocation": 2})
+    if kind == "device":
+        monkeypatch.setattr(model.backend.ort.OrtValue, "ortvalue_from_shape_and_type", no_memory)
+    else:
+        monkeypatch.setattr(model.backend.copier.rt, "cudaMalloc", lambda n: (cuda_error.cudaErrorMemoryAllocation, 0))
+    with pytest.raises(CapacityError, match="cannot grow"):
+        pool.join()
+    assert len(pool) == 4 and pool.allocated == 4
+    for s in sids[1:]:
+        pool.leave(s)  # tries to shrink 4 -> 2 slots: no memory for it, the leave still happens
+        del alone[s]
+    assert pool.sids == sids[:1] and pool.allocated == 4
+    reqs = {sids[0]: _input(model, rng, 2)}
+    got = pool.step(reqs)  # at a quarter occupancy: the step tries to shrink too
+    np.testing.assert_allclose(got[sids[0]]["y"], alone[sids[0]].step(**reqs[sids[0]])["y"], atol=1e-5)
+    np.testing.assert_allclose(pool.state(sids[0])["h"], alone[sids[0]].state["h"], atol=1e-5)
+    monkeypatch.undo()
+    assert pool.trim() and pool.allocated == 2  # memory back: the shrink goes through
+    np.testing.assert_allclose(pool.state(sids[0])["h"], alone[sids[0]].state["h"], atol=1e-5)

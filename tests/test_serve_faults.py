@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from _serve_server import ThreadServer
+from _serve_server import FaultyStore, ThreadServer
 from wmdeploy import snapshot as snap
 from wmdeploy.serve import ServeConfig
 
@@ -188,26 +188,6 @@ def test_sigterm_with_websockets_in_flight_leaves_prefixes(rt_lstm_path, rt_lstm
 
 
 # ---- engine faults: answered, never hung ----------------------------------------------------------------
-class Flaky:
-    """The server's own store with a fault switch (a disk that fills, a store that hangs)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.fail, self.delay = inner, None, 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.inner
-
-    def append(self, records: list[tuple[str, bytes | None]]) -> Any:
-        if self.delay:
-            time.sleep(self.delay)
-        if self.fail is not None:
-            raise self.fail
-        return self.inner.append(records)
-
-
 def _logits(r: httpx.Response) -> np.ndarray:
     assert r.status_code == 200, r.text
     return np.asarray(r.json()["outputs"]["logits"], np.float32)
@@ -216,7 +196,7 @@ def _logits(r: httpx.Response) -> np.ndarray:
 def test_a_failing_store_is_503_and_the_engine_goes_on(rt_lstm_path, rt_lstm, tmp_path):
     srv = ThreadServer(ServeConfig(rt_lstm_path, name="lm", persist=tmp_path / "state"), rt_lstm)
     table = srv.app.state.table
-    flaky = table.log = Flaky(table.log)
+    flaky = table.log = FaultyStore(table.log)
     chunks = _chunks(5, 4)
     local = rt_lstm.stream()
     try:
@@ -266,7 +246,7 @@ def test_no_request_waits_past_the_deadline(rt_lstm_path, rt_lstm, tmp_path):
     srv = ThreadServer(ServeConfig(rt_lstm_path, name="lm", persist=tmp_path / "state", request_timeout=0.5,
                                    batch_window_ms=0), rt_lstm)
     table = srv.app.state.table
-    flaky = table.log = Flaky(table.log)
+    flaky = table.log = FaultyStore(table.log)
     answers: dict[str, httpx.Response] = {}
     try:
         with srv.client(timeout=15) as c:

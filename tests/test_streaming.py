@@ -127,6 +127,31 @@ def test_bad_inputs_raise_and_leave_state_unchanged(rt_lstm, case):
         np.testing.assert_array_equal(v, before[k])
 
 
+NARROW_OVERFLOW = {  # lists whose numpy elements numpy would wrap (or overflow to inf) without a word
+    "numpy int into uint8": ({"level": [[np.int64(-1)]]}, r"'level': value -1 does not fit uint8"),
+    "int64 array into int32": ({"ids": [np.array([2 ** 40], np.int64)]}, r"'ids': value 1099511627776 does not fit int32"),
+    "float into float16": ({"gain": [[1e6]]}, r"'gain': value 1000000.0 does not fit float16"),
+}
+
+
+@pytest.mark.parametrize("case", list(NARROW_OVERFLOW))
+def test_list_values_that_do_not_fit_are_refused_not_wrapped(rt_dir, case):
+    from _rt_models import build_narrow_onnx
+
+    model = wmdeploy.load(build_narrow_onnx(rt_dir / "narrow.onnx"))
+    good = {"ids": [[1, 2]], "level": [[3, 4]], "gain": [[0.5, 0.5]]}
+    s = model.stream()
+    assert s.step(**good)["y"].tolist() == [11.0]  # lists in range are converted as before
+    bad, message = NARROW_OVERFLOW[case]
+    with pytest.raises(InputError, match=message):
+        s.step(**{**good, **bad})
+    pool = model.pool()
+    sid = pool.join()
+    with pytest.raises(InputError, match=f"stream {sid}: input {message}"):
+        pool.step({sid: {**good, **bad}})
+    assert s.state["acc"].tolist() == [11.0] and pool.state(sid)["acc"].tolist() == [0.0]
+
+
 def test_wrong_fixed_size_and_constant_as_input(rt_gru):
     s = rt_gru.stream()
     s.step(x=np.ones((2, 1, 3), np.float32))

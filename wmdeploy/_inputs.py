@@ -33,10 +33,30 @@ def _as_array(t: TensorSpec, value: Any, where: str) -> np.ndarray:
         if raw.dtype.kind not in _KIND_OK[want.kind]:
             raise InputError(f"{where}input '{t.name}': list of {raw.dtype} values, expected {t.dtype}")
         try:
-            return np.asarray(value, dtype=want)
+            with np.errstate(over="ignore", invalid="ignore"):
+                arr = np.asarray(value, dtype=want)
         except (OverflowError, ValueError) as exc:
             raise InputError(f"{where}input '{t.name}': values do not fit {t.dtype} ({exc})") from None
+        _check_fits(t, raw, arr, where)
+        return arr
     raise InputError(f"{where}input '{t.name}': got {type(value).__name__}, expected a numpy array of {t.dtype}")
+
+
+def _check_fits(t: TensorSpec, raw: np.ndarray, arr: np.ndarray, where: str) -> None:
+    """Python ints out of range raise in numpy, but numpy ints inside a list (``[np.int64(-1)]``, a list of
+    int64 arrays) wrap silently (-1 -> 255 in uint8), and a too-large float becomes inf: refuse both."""
+    if not raw.size or raw.dtype.kind == "b":
+        return
+    bad = None
+    if arr.dtype.kind in "iu":
+        info = np.iinfo(arr.dtype)
+        low, high = int(raw.min()), int(raw.max())
+        bad = low if low < info.min else high if high > info.max else None
+    elif arr.dtype.kind == "f":
+        over = np.isinf(arr) & np.isfinite(raw)
+        bad = raw[over].flat[0] if over.any() else None
+    if bad is not None:
+        raise InputError(f"{where}input '{t.name}': value {bad} does not fit {t.dtype}")
 
 
 def check_inputs(spec: StreamingSpec, inputs: Mapping[str, Any], batch: int | None = None,

@@ -6,7 +6,8 @@ tensor is found by this rule, in order:
 
 1. an explicit ``batch_axes={name: axis}`` entry (``--batch-axis NAME=AXIS`` on the command line);
 2. the one axis whose symbolic name (``dim_param``) equals the symbolic name of the states' batch axes;
-3. in a fixed-batch file (below): axis 0 when the graph fixes it at 1 (the batch-first ``[1, T, 16]``);
+3. in a fixed-batch file (below): axis 0 when the graph fixes it at 1 (the batch-first ``[1, T, 16]``),
+   else the one axis the graph fixes at 1 (the time-major ``[T, 1, 16]``);
 4. the only dynamic axis of the tensor (named or not: ``[?, 16]`` needs no flag);
 otherwise the batch axis is ambiguous and ``annotate`` refuses, naming the tensor, its dynamic axes and
 the flag. Other symbolic axes keep their graph name (so inputs sharing ``T`` must agree on it at run
@@ -156,8 +157,10 @@ def _data_spec(vi: Any, batch_params: set[str], override: int | None, fixed_mode
         matching = [i for i in symbolic if dims[i] in batch_params]
         if len(matching) == 1:
             axis = matching[0]
-        elif fixed_model and dims and dims[0] == 1:
+        elif fixed_model and dims[0] == 1:
             axis = 0
+        elif fixed_model and dims.count(1) == 1:  # time-major [T, 1, 16]: T is not the batch
+            axis = dims.index(1)
         elif len(symbolic) == 1:
             axis = symbolic[0]
         else:

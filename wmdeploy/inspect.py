@@ -131,11 +131,12 @@ def _human_bytes(n: int | None) -> str:
 def render(info: dict[str, Any]) -> Any:
     """Rich renderables for the terminal."""
     from rich.console import Group  # noqa: PLC0415
+    from rich.markup import escape  # noqa: PLC0415  (a path such as 'lm[v2].onnx' is text, not markup)
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415
 
     head = Text.from_markup(
-        f"[bold]{info['file']}[/] ({_human_bytes(info['file_bytes'])}), producer {info['producer'] or '?'}, "
+        f"[bold]{escape(info['file'])}[/] ({_human_bytes(info['file_bytes'])}), producer {escape(info['producer'] or '?')}, "
         f"opsets {info['opsets']}\nparameters {info['parameters'] if info['parameters'] is not None else '?'}"
         f" ({_human_bytes(info['weight_bytes'])} of weights), {info['nodes'] if info['nodes'] is not None else '?'} nodes"
         + ("" if info["nodes"] is not None else " (install onnx to count weights and nodes)")

@@ -80,6 +80,10 @@ def _snapshot_steps(blob: bytes) -> int:
     return steps
 
 
+def _is_sid(sid: object) -> bool:
+    return isinstance(sid, (int, np.integer)) and not isinstance(sid, (bool, np.bool_))
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -221,7 +225,7 @@ class StreamPool:
         return len(self._sid_at)
 
     def __contains__(self, sid: object) -> bool:
-        return sid in self._slot
+        return _is_sid(sid) and sid in self._slot
 
     @property
     def sids(self) -> list[int]:
@@ -239,6 +243,8 @@ class StreamPool:
 
     def _slot_of(self, sid: int) -> int:
         try:
+            if not _is_sid(sid):  # True and 1.0 equal 1 as dict keys: they would name stream 1
+                raise KeyError(sid)
             return self._slot[sid]
         except (KeyError, TypeError):
             raise InputError(f"stream {sid!r}: not in this pool (it left, or was never joined)") from None

@@ -112,6 +112,21 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+#: what wrappers put before every key: DataParallel / DistributedDataParallel, torch.compile
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrapper_prefixes(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint saved from a wrapped module (every key 'module.<key>'), as the module's own keys."""
+    changed = True
+    while changed and set(state) != set(own):
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in own):
+                state, changed = {k[len(prefix):]: v for k, v in state.items()}, True
+    return state
+
+
 def load_checkpoint(module: torch.nn.Module, checkpoint: str | Path) -> dict[str, Any]:
     """Load trained weights (``torch.load(weights_only=True)``) strictly; returns the whole checkpoint."""
     path = Path(checkpoint)
@@ -122,8 +137,8 @@ def load_checkpoint(module: torch.nn.Module, checkpoint: str | Path) -> dict[str
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"checkpoint {path}: cannot be loaded with weights_only=True: {first}") from None
-    state = _extract_state_dict(obj, path)
     own = module.state_dict()
+    state = _strip_wrapper_prefixes(_extract_state_dict(obj, path), own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own

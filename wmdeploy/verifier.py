@@ -101,9 +101,10 @@ class VerifyReport:
         }
 
     def table(self) -> Any:
+        from rich.markup import escape  # noqa: PLC0415
         from rich.table import Table  # noqa: PLC0415
 
-        table = Table(title=f"verify {self.candidate} against {self.reference} (chunks {self.schedule})")
+        table = Table(title=escape(f"verify {self.candidate} against {self.reference} (chunks {self.schedule})"))
         for col in ("check", "batch", "tensor", "role", "max abs err", "rel err", "worst call", ""):
             table.add_column(col, justify="right" if col in ("batch", "max abs err", "rel err", "worst call") else "left")
         for r in self.rows:
@@ -242,6 +243,10 @@ def verify(candidate: Any, reference: Any | None = None, *, chunks: Sequence[int
     for flag, values in (("--chunks", chunks), ("--batches", batches)):
         if not len(values) or any(int(v) < 1 for v in values):
             raise InputError(f"{flag} {list(values)}: expected one or more positive integers")
+    # a NaN tolerance passed every comparison (max(-inf, nan) is -inf); inf or a negative one is no check
+    for flag, tol in (("--atol", atol), ("--rtol", rtol)):
+        if not (np.isfinite(tol) and tol >= 0):
+            raise InputError(f"{flag} {tol:g}: expected a finite number >= 0")
     cand = as_runner(candidate, spec)
     spec = spec or cand.spec  # type: ignore[attr-defined]
     if spec.max_batch is not None:  # a graph with a fixed batch (meta.max_batch): verify at the sizes it takes

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import typer
 from rich.console import Console
 
-from ..errors import VerificationError, WmdeployError
+from ..errors import InputError, VerificationError, WmdeployError
 
 app = typer.Typer(
     name="wmdeploy",
@@ -65,6 +65,21 @@ def cli_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def check_output(flag: str, path: Any) -> None:
+    """Refuse an output path that cannot be written before any work is done (one line, exit 2)."""
+    if path is not None and (path.is_dir() or not path.parent.is_dir()):
+        why = "it is a directory" if path.is_dir() else f"no directory {path.parent}"
+        raise InputError(f"{flag} {path}: cannot write it ({why})")
+
+
+def write_output(flag: str, path: Any, write: Callable[[Any], Any]) -> None:
+    """``write(path)``, with an OS error (a read-only folder, a full disk) as one line."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise InputError(f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None
 
 
 def _parse_chunks(text: str, flag: str) -> list[int]:

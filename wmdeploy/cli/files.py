@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..errors import VerificationError
-from .app import _parse_chunks, app, cli_errors, console, err_console
+from .app import _parse_chunks, app, check_output, cli_errors, console, err_console, write_output
 
 
 @app.command(epilog="Example: wmdeploy export wmdeploy.models.lstm_lm:LSTMLanguageModel -o out/lm.onnx "
@@ -32,15 +33,16 @@ def export(
     from ..exporter import export_module  # noqa: PLC0415  (torch only for this command)
 
     chunk_list = _parse_chunks(chunks, "--chunks")
-    with console.status(f"exporting {target} to {output} and verifying ..."):
+    check_output("--json", json_out)
+    with console.status(escape(f"exporting {target} to {output} and verifying ...")):
         result = export_module(target, output, config=config, checkpoint=checkpoint, opset=opset, exporter=exporter,
                                verify=verify, atol=atol, rtol=rtol, chunks=chunk_list)
     if result.report is not None:
         console.print(result.report.table())
         if json_out:
-            json_out.write_text(json.dumps(result.report.to_dict(), indent=2))
+            write_output("--json", json_out, lambda p: p.write_text(json.dumps(result.report.to_dict(), indent=2)))
     size = output.stat().st_size
-    console.print(soft_wrap=True, *[f"wrote {output} ({size / 1e6:.2f} MB, {len(result.spec.states)} state pairs, "
+    console.print(soft_wrap=True, markup=False, *[f"wrote {output} ({size / 1e6:.2f} MB, {len(result.spec.states)} state pairs, "
                   f"{result.spec.state_bytes_per_stream} state bytes per stream)"
                   + (f"; verified: {result.report.summary()}" if result.report is not None else "; not verified")])
 
@@ -82,6 +84,8 @@ def verify_cmd(
     """
     from ..verifier import verify as run_verify  # noqa: PLC0415
 
+    for flag, path in (("--json", json_out), ("--plot", plot)):
+        check_output(flag, path)
     cand: Any = _engine(model, backend, precision, "--backend")
     ref: Any = None
     if reference is not None:
@@ -96,15 +100,15 @@ def verify_cmd(
             from ..torch_module import load_module  # noqa: PLC0415
 
             ref = load_module(reference, config, checkpoint)
-    with console.status(f"verifying {model} ..."):
+    with console.status(escape(f"verifying {model} ...")):
         report = run_verify(cand, ref, chunks=_parse_chunks(chunks, "--chunks"), batches=_parse_chunks(batches, "--batches"),
                             steps=steps, seed=seed, atol=atol, rtol=rtol)
     console.print(report.table())
     if json_out:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2))
+        write_output("--json", json_out, lambda p: p.write_text(json.dumps(report.to_dict(), indent=2)))
     if not report.ok:
         raise VerificationError(f"{model}: {report.summary()}")
-    console.print(f"ok: {report.summary()}")
+    console.print(f"ok: {report.summary()}", markup=False)
 
 
 @app.command(name="inspect", epilog="Example: wmdeploy inspect out/lm.onnx --json")
@@ -141,7 +145,7 @@ def annotate(
     notes = [f"input '{t.name}' ids below {t.index_bound} (its embedding table)" for t in spec.inputs if t.index_bound]
     if spec.max_batch is not None:
         notes.append(f"batch fixed at {spec.max_batch} by the graph: a pool steps its streams one engine call each")
-    console.print(soft_wrap=True, *[f"wrote {output}: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs, "
+    console.print(soft_wrap=True, markup=False, *[f"wrote {output}: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs, "
                   f"{len(spec.states)} state pairs, {len(spec.constants)} constants" + "".join(f"; {n}" for n in notes)])
 
 
@@ -167,10 +171,10 @@ def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int,
                               progress=lambda done: bar.update(task, completed=done))
     console.print(report.table())
     if json_out:
-        report.write_json(json_out)
+        write_output("--json", json_out, report.write_json)
     if plot:
-        report.plot(plot)
-        console.print(f"wrote {plot}")
+        write_output("--plot", plot, report.plot)
+        console.print(f"wrote {plot}", markup=False)
     transforms = [r.get("options", {}).get("mode") or r.get("transform") for r in read_lineage(model)]
     if getattr(cand, "precision", None) and model.resolve() == reference.resolve():
         transforms = [cand.precision]  # the same file on another engine/precision: that precision's bound
@@ -178,4 +182,4 @@ def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int,
     ok, why = report.within(bound.get("min_top1"), bound.get("max_rel"), bound.get("max_recall_drop"))
     if not ok:
         raise VerificationError(f"{model}: drift beyond the {transforms[-1]} bound: {why}")
-    console.print(f"ok: {report.summary()}" + (f" (within the {transforms[-1]} bound {bound})" if bound else ""))
+    console.print(f"ok: {report.summary()}" + (f" (within the {transforms[-1]} bound {bound})" if bound else ""), markup=False)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import app, cli_errors, console, err_console
+from .app import app, check_output, cli_errors, console, err_console, write_output
 
 
 def precision_option(precision: str | None) -> dict[str, str]:
@@ -37,6 +37,7 @@ def generate(
     With several files (a float model and its quantized copy, say) each continues the same prompt with
     the same seed, and a table compares their speeds.
     """
+    from rich.markup import escape  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     from ..generation import generate as run_generate, language_model_info  # noqa: PLC0415
@@ -53,7 +54,7 @@ def generate(
                            seed=seed)
         if not as_json:
             if len(models) > 1:
-                console.print(f"[bold]== {m}[/]", highlight=False)
+                console.print(f"[bold]== {escape(str(m))}[/]", highlight=False)
             sys.stdout.write(prompt)
         text = ""
         for piece in run:
@@ -75,7 +76,7 @@ def generate(
     base = results[0]["decode_tokens_per_s"]
     for r in results:
         ratio = f" ({r['decode_tokens_per_s'] / base:.2f}x)" if len(results) > 1 else ""
-        table.add_row(r["model"], r["backend"], f"{r['file_bytes'] / 1e6:.2f}", f"{r['prefill_tokens_per_s']:,.0f}",
+        table.add_row(escape(r["model"]), r["backend"], f"{r['file_bytes'] / 1e6:.2f}", f"{r['prefill_tokens_per_s']:,.0f}",
                       f"{r['decode_tokens_per_s']:,.0f}{ratio}", f"{r['state_bytes_per_stream']:,}")
     err_console.print(table)
 
@@ -146,17 +147,16 @@ def profile_cmd(
     if plot_out is not None:
         prof.check_plot_available()  # fail before minutes of measuring, not after
     for flag, path in (("--json", json_out), ("--csv", csv_out), ("--plot", plot_out)):
-        if path is not None and (path.is_dir() or not path.parent.is_dir()):
-            why = "it is a directory" if path.is_dir() else f"no directory {path.parent}"
-            raise InputError(f"{flag} {path}: cannot write it ({why})")
+        check_output(flag, path)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+    from rich.markup import escape  # noqa: PLC0415
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
         task = bar.add_task("measuring memory bandwidth", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what)
+            bar.update(task, completed=done, total=total, description=escape(what))  # names a file: not markup
 
         window = {"steps": steps, "seconds": 0.5 if seconds is None else seconds, "warmup": warmup,
                   "stability": stability / 100, "max_windows": max_windows, "progress": progress}
@@ -171,11 +171,8 @@ def profile_cmd(
     for flag, path, write in (("--json", json_out, report.write_json), ("--csv", csv_out, report.write_csv),
                               ("--plot", plot_out, report.plot)):
         if path is not None:
-            try:
-                write(path)
-            except OSError as exc:
-                raise InputError(f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None
-            console.print(f"wrote {path}")
+            write_output(flag, path, write)
+            console.print(f"wrote {path}", markup=False)
 
 
 @app.command(name="serve", epilog="Example: wmdeploy serve out/lm.onnx --port 8000 --max-batch 64 --session-ttl 600 "

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
-from .app import app, cli_errors, console
+from .app import app, check_output, cli_errors, console, write_output
 
 
 @app.command(epilog="Example: wmdeploy optimize lm.onnx -o lm.opt.onnx --level basic")
@@ -23,12 +24,13 @@ def optimize(
     """Simplify, constant-fold and optimize the graph; node counts and weight bytes before and after."""
     from ..transform.optimizer import optimize as run_optimize  # noqa: PLC0415
 
-    with console.status(f"optimizing {model} ..."):
+    check_output("--json", json_out)
+    with console.status(escape(f"optimizing {model} ...")):
         report = run_optimize(model, output, level=level, slim=slim)
     console.print(report.table())
     if json_out:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2))
-    console.print(f"wrote {output}; verified against {model}: {report.verify_summary}", soft_wrap=True)
+        write_output("--json", json_out, lambda p: p.write_text(json.dumps(report.to_dict(), indent=2)))
+    console.print(f"wrote {output}; verified against {model}: {report.verify_summary}", soft_wrap=True, markup=False)
 
 
 @app.command(epilog="Example: wmdeploy quantize lm.onnx -o lm.int8.onnx --mode int8-static --calibration task --method entropy")
@@ -51,22 +53,23 @@ def quantize(
     """Quantize for the target; say what became INT8/FP16 and what stayed float, and why."""
     from ..transform.quantizer import quantize as run_quantize  # noqa: PLC0415
 
-    with console.status(f"quantizing {model} ({mode}) ..."):
+    check_output("--json", json_out)
+    with console.status(escape(f"quantizing {model} ({mode}) ...")):
         report = run_quantize(model, output, mode=mode, calibration=calibration, method=method,
                               calibration_streams=streams, calibration_steps=calib_steps,
                               calibration_chunk=calib_chunk, per_channel=per_channel, reduce_range=reduce_range,
                               symmetric=symmetric, keep_io_types=keep_io_types)
     console.print(report.table())
-    console.print(f"recurrent core: {report.recurrent_core}", soft_wrap=True)
+    console.print(f"recurrent core: {report.recurrent_core}", soft_wrap=True, markup=False)
     if report.calibration:
         c = report.calibration
         console.print(f"calibration: {c['source']}, {c['streams']} streams x {c['steps']} steps in {c['calls']} calls "
-                      f"({c['method']}), {c['chunk']} step(s) per call; largest state fed: {c['state_max_abs']}", soft_wrap=True)
+                      f"({c['method']}), {c['chunk']} step(s) per call; largest state fed: {c['state_max_abs']}", soft_wrap=True, markup=False)
     for tensor, why in report.float_tensors.items():
-        console.print(f"kept float: {tensor}: {why}", soft_wrap=True)
+        console.print(f"kept float: {tensor}: {why}", soft_wrap=True, markup=False)
     if json_out:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2))
-    console.print(f"wrote {output}; short check against {model}: {report.check}", soft_wrap=True)
+        write_output("--json", json_out, lambda p: p.write_text(json.dumps(report.to_dict(), indent=2)))
+    console.print(f"wrote {output}; short check against {model}: {report.check}", soft_wrap=True, markup=False)
 
 
 @app.command(epilog="Example: wmdeploy triton out/lm.onnx --repo triton_repo --max-batch 64 --idle-timeout 600 --kind gpu")
@@ -84,12 +87,12 @@ def triton(
     """Write a Triton Inference Server model repository (sequence batching with implicit state)."""
     from ..triton import write_repository  # noqa: PLC0415
 
-    with console.status(f"writing a Triton repository for {model} ..."):
+    with console.status(escape(f"writing a Triton repository for {model} ...")):
         result = write_repository(model, repo, name=name, max_batch=max_batch, idle_timeout_s=idle_timeout,
                                   instances=instances, kind=kind, strategy=strategy)
     for change in result.changes:
         console.print(f"  {change}", soft_wrap=True, markup=False)
     if result.verify_report is not None:
-        console.print(f"  batch-first copy verified against {model}: {result.verify_report.summary()}", soft_wrap=True)
+        console.print(f"  batch-first copy verified against {model}: {result.verify_report.summary()}", soft_wrap=True, markup=False)
     console.print(f"wrote {result.config_path} and {result.model_path} (config parsed with Triton's schema, "
-                  "names checked against the graph)", soft_wrap=True)
+                  "names checked against the graph)", soft_wrap=True, markup=False)

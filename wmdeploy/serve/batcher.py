@@ -351,6 +351,8 @@ class Batcher:
             results.append((job, StepResult(outs, states, sess.steps)))
             if table.log is not None:
                 records.append((job.key, None if job.end else pool.snapshot(sess.sid)))
+                if job.start:  # from the initial state, not the stored one: no version to compare with
+                    table.log.overwrite(job.key)
         persist_s, stale, redo = None, set[str](), list[StepJob]()
         if table.log is not None:
             t1 = time.perf_counter()

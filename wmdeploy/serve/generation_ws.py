@@ -24,6 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from ..errors import InputError, WmdeployError
@@ -48,6 +49,22 @@ class SessionStream:
         self.gate = gate
 
     def step(self, **inputs: Any) -> dict[str, Any]:
+        """One chunk; a prompt longer than ``--max-chunk`` goes in pieces of at most that length (the limit
+        bounds one engine step, and a client cannot split the server's prefill), outputs joined on time."""
+        axis = self.check.time_axis
+        where = {t.name: t.shape.index(axis) for t in self.spec.inputs if axis in t.shape and t.name in inputs}
+        arrays = {k: np.asarray(v) if k in where else v for k, v in inputs.items()}
+        length = max((arrays[k].shape[i] for k, i in where.items() if arrays[k].ndim > i), default=0)
+        if length <= self.check.max_chunk:
+            return self._one(inputs)
+        pieces = [self._one({k: np.take(v, range(at, min(at + self.check.max_chunk, length)), axis=where[k])
+                             if k in where else v for k, v in arrays.items()})
+                  for at in range(0, length, self.check.max_chunk)]
+        out_axes = {t.name: t.shape.index(axis) for t in self.spec.outputs if axis in t.shape}
+        return {name: np.concatenate([p[name] for p in pieces], axis=out_axes[name]) if name in out_axes
+                else pieces[-1][name] for name in pieces[-1]}
+
+    def _one(self, inputs: dict[str, Any]) -> dict[str, Any]:
         job = StepJob(self.key, self.check(inputs), gate=self.gate)
         return self.batcher.result(self.batcher.enqueue(job), self.gate).outputs
 
@@ -71,7 +88,9 @@ def _options(body: Any, max_tokens: int | None = None) -> dict[str, Any]:
                 raise InputError(f"message field '{key}': expected a finite number, got {body[key]!r}") from None
     if options.get("seed", 0) < 0:
         raise InputError(f"message field 'seed': expected a non-negative integer, got {options['seed']}")
-    if max_tokens is not None and options.get("max_tokens", 100) > max_tokens:
+    if max_tokens is not None and "max_tokens" not in options:  # the library's 100, within the server's limit
+        options["max_tokens"] = min(100, max_tokens)
+    if max_tokens is not None and options["max_tokens"] > max_tokens:
         raise TooLarge(f"message field 'max_tokens': {options['max_tokens']}, the limit is {max_tokens} "
                        "(--max-generate-tokens)")
     return options

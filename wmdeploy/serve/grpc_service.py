@@ -21,6 +21,7 @@ the stream with ``error_message`` (and the same ``id``), and the stream and its 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import copy
 import logging
 import socket
@@ -41,8 +42,9 @@ from ..errors import InputError, WmdeployError
 from . import kserve
 from ._asgi import Guard
 from ._common import Ctx, ModelNotFound, NotStateful, classify, one_line
-from .jobs import StepJob, StepResult
+from .jobs import Gate, StepJob, StepResult
 from .sessions import scoped
+from .validate import Overloaded
 
 log = logging.getLogger("wmdeploy.serve")
 StatusCode = grpc.StatusCode
@@ -70,8 +72,9 @@ class _Pending:
     t0: float
     request: pb.ModelInferRequest
     decoded: kserve.InferRequest | None
-    result: "asyncio.Future[StepResult] | None"
+    result: "cf.Future[StepResult] | None"
     error: BaseException | None
+    gate: Gate | None = None
 
 
 def _params(params: Any) -> dict[str, Any]:
@@ -201,9 +204,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.error(kind)
         if code >= 500 and kind != "overloaded" and kind != "persist":
             log.error("internal error", exc_info=exc, extra={"event": "grpc_error", "rpc": rpc})
-        message = one_line(exc)
-        return STATUS.get(code, StatusCode.INTERNAL), (f"internal error: {message}" if code == 500 and
-                                                       not isinstance(exc, WmdeployError) else message)
+        message = one_line(exc)  # a 409 that is no "already exists" (not applied, replicas racing): ABORTED
+        status = StatusCode.ABORTED if kind in ("not_applied", "store_conflict") else STATUS.get(code, StatusCode.INTERNAL)
+        return status, f"internal error: {message}" if code == 500 and not isinstance(exc, WmdeployError) else message
 
     async def _unary(self, rpc: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[Any]],
                      auth: bool = True, step: bool = False) -> Any:
@@ -261,22 +264,37 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._unary("ModelConfig", context, fn)
 
     # ---- inference ------------------------------------------------------------------------------------
-    def _submit(self, req: pb.ModelInferRequest, owner: str) -> tuple[kserve.InferRequest, "asyncio.Future[StepResult]"]:
-        """Check a request and queue its step now (which fixes its place in its sequence)."""
+    def _submit(self, req: pb.ModelInferRequest, owner: str, gates: dict[str, Gate] | None = None
+                ) -> tuple[kserve.InferRequest, "cf.Future[StepResult]", Gate | None]:
+        """Check a request and queue its step now (which fixes its place in its sequence). ``gates`` (a
+        stream's): a :class:`~.jobs.Gate` per sequence, so that after a step that failed for a reason other
+        than its input no later step of it runs (no hole); a ``sequence_start`` opens a fresh one."""
         self._check_model(req.model_name, req.model_version)
         decoded = decode(self.spec, req, self.ctx.check)
         if decoded.sequence is None:
             raise NotStateful(f"parameters.sequence_id: missing; model '{self.name}' is stateful, so every request "
                               "needs a non-zero sequence_id (uint64 or string), with sequence_start=true first")
         states = tuple(o for o, _ in decoded.outputs or () if o not in self.data_outputs)
-        job = StepJob(scoped(owner, decoded.sequence), decoded.inputs, start=decoded.start, end=decoded.end,
-                      what="sequence", want_states=states)
-        return decoded, self.ctx.batcher.submit(job)
+        key, gate = scoped(owner, decoded.sequence), None
+        if gates is not None:  # an ended sequence's gate leaves the table (a stream may see millions)
+            gate = Gate() if decoded.start or key not in gates else gates[key]
+            if decoded.end:
+                gates.pop(key, None)
+            else:
+                gates[key] = gate
+        job = StepJob(key, decoded.inputs, start=decoded.start, end=decoded.end, what="sequence",
+                      want_states=states, gate=gate)
+        try:
+            return decoded, self.ctx.batcher.enqueue(job), gate
+        except Overloaded as exc:  # not queued: nothing after it in this sequence may run either (no hole)
+            if gate is not None:
+                gate.close(f"an earlier step was refused ({one_line(exc)})", failed=True)
+            raise
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         async def fn() -> pb.ModelInferResponse:
-            decoded, future = self._submit(request, self._owner(context))
-            result = await future
+            decoded, future, _ = self._submit(request, self._owner(context))
+            result = await self.ctx.batcher.wait(future)  # --request-timeout, as on HTTP: nothing hangs
             return encode(self.name, self.spec, request, decoded, {**result.outputs, **result.states})
         return await self._unary("ModelInfer", context, fn, auth=False, step=True)
 
@@ -291,14 +309,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # bounded: beyond `stream_window` unanswered requests the stream stops reading, and gRPC's flow
         # control holds the client back (the batcher's queue bound still answers UNAVAILABLE beyond it)
         pending: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=self.stream_window)
+        gates: dict[str, Gate] = {}  # sequence key -> the gate of its steps on this stream (see _submit)
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
                     t0 = time.perf_counter()
                     try:
-                        decoded, future = self._submit(req, owner)
-                        item = _Pending(t0, req, decoded, future, None)
+                        decoded, future, gate = self._submit(req, owner, gates)
+                        item = _Pending(t0, req, decoded, future, None, gate)
                     except Exception as exc:  # noqa: BLE001  (answered on the stream, in order)
                         item = _Pending(t0, req, None, None, exc)
                     await pending.put(item)
@@ -314,6 +333,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 yield await self._answer(item)
         finally:
             reader.cancel()
+            for gate in gates.values():  # a step the engine has not taken yet never runs
+                gate.close("the stream ended before this request ran")
             while not pending.empty():  # the client is gone: steps not yet run are not run
                 left = pending.get_nowait()
                 if left is not None and left.result is not None:
@@ -322,7 +343,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _answer(self, item: _Pending) -> pb.ModelStreamInferResponse:
         if item.error is None and item.result is not None and item.decoded is not None:
             try:
-                result = await item.result
+                result = await self.ctx.batcher.wait(item.result, item.gate)
             except Exception as exc:  # noqa: BLE001
                 item.error = exc
             else:

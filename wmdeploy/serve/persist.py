@@ -40,6 +40,11 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock (one server per directory is then on you)
+    fcntl = None  # type: ignore[assignment]
+
 from ..errors import WmdeployError
 
 _HEAD = struct.Struct("<4sIQd")  # magic, key length, data length, written at
@@ -74,6 +79,19 @@ def _parse(buf: bytes, at: int = 0) -> tuple[int, int, int, float | None] | None
         _, klen, dlen = _HEAD_V1.unpack_from(buf, at)
         return _HEAD_V1.size, klen, dlen, None
     return None
+
+
+def _lock(fd: int, path: Path) -> None:
+    """Hold an exclusive lock on the log file as long as ``fd`` is open: a second process on the same
+    directory would append at its own idea of the end of the file, over acknowledged records."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise PersistError(f"--persist {path}: the state log is in use by another server (one process per "
+                           "directory; replicas share sessions through --persist redis://...)") from None
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -111,6 +129,7 @@ class StateLog:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise PersistError(f"--persist {self.path}: cannot open the state log ({exc})") from None
+        _lock(self._fd, self.path)
         size = os.fstat(self._fd).st_size
         good = self._replay(size)
         if good < size and self._valid_record_after(good, size):
@@ -259,6 +278,8 @@ class StateLog:
             tmp = self.path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
+                if fcntl is not None:  # locked before it becomes the log (the old file's lock goes with it)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 index, pos, buf = {}, 0, bytearray()
                 for key, when in self._when.items():  # oldest first, so a replay rebuilds the same order
                     off, n = self.index[key]

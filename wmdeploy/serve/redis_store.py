@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import logging
 import os
+import time
 from collections import OrderedDict
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -51,13 +52,13 @@ _REMEMBER = 100_000  # versions remembered (LRU); forgetting one only costs a re
 _FRESH_MAX = 4_096  # latest snapshots carried by refusals, kept until the redo reads them
 
 # KEYS: session hash, index.  ARGV: expected version ("0": must not exist; "?": unknown, so always refused,
-# which brings the latest), snapshot ("" = delete), this write's id (the new version), index member (the
+# which brings the latest; "*": whatever is stored, for a state that does not derive from it), snapshot ("" = delete), this write's id (the new version), index member (the
 # key), TTL in ms ("0": none).  -> {1, version} written, {0, version, snapshot} refused (version "0": the
 # session does not exist).
 _CAS = """
 local cur = redis.call('HGET', KEYS[1], 'v')
 if cur and cur == ARGV[3] then return {1, cur} end
-if (cur or '0') ~= ARGV[1] then
+if ARGV[1] ~= '*' and (cur or '0') ~= ARGV[1] then
   if cur then return {0, cur, redis.call('HGET', KEYS[1], 's')} end
   return {0, '0'}
 end
@@ -71,6 +72,21 @@ redis.call('SADD', KEYS[2], ARGV[4])
 if ARGV[5] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 return {1, ARGV[3]}
 """
+
+
+# KEYS: index.  ARGV: the hash prefix, then index members.  Removes (atomically, so that a session written
+# again meanwhile keeps its entry) the members whose hash Redis has expired; -> those members.
+_PRUNE = """
+local gone = {}
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 and redis.call('SREM', KEYS[1], ARGV[i]) == 1 then
+    gone[#gone + 1] = ARGV[i]
+  end
+end
+return gone
+"""
+_PRUNE_BATCH = 1000  # index members looked at per expiry pass
+_PRUNE_EVERY_S = 1.0
 
 
 def redact(url: str) -> str:
@@ -103,6 +119,7 @@ class RedisStore:
         self._fresh: OrderedDict[str, tuple[bytes | None, bytes | None]] = OrderedDict()  # from refusals
         self._writer = os.urandom(8).hex()  # versions are "{writer}:{n}": unique without a counter in Redis
         self._writes = itertools.count(1)
+        self._cursor, self._prune_after = 0, 0.0  # where the expiry pass goes on in the index (SSCAN)
         self.round_trips = 0
         self._check_durability()
 
@@ -184,6 +201,25 @@ class RedisStore:
         mine = self._version.get(key)
         return mine is not None and self._run(lambda: self._r.hget(self._skey(key), "v")) == mine
 
+    def expire(self, cutoff: float) -> list[str]:
+        """``--persist-ttl``: Redis expires an idle session's hash itself (PEXPIRE on every write); this takes
+        the expired ones out of the index, a batch per call (one SSCAN step), so that the index and the
+        gauge do not keep every abandoned session forever. Returns the keys it removed (each counted once,
+        whichever replica notices). ``cutoff`` is Redis's business here (the TTL is set on write)."""
+        if self._ttl_ms == b"0" or time.monotonic() < self._prune_after:
+            return []
+        self._prune_after = time.monotonic() + _PRUNE_EVERY_S
+        cursor, members = self._run(lambda: self._r.sscan(self._index, self._cursor, count=_PRUNE_BATCH))
+        self._cursor = int(cursor)
+        if not members:
+            return []
+        gone = self._run(lambda: self._r.eval(_PRUNE, 1, self._index, self._prefix, *members))
+        keys = [m.decode("utf-8", "replace") for m in gone]
+        for key in keys:
+            self._version.pop(key, None)
+            self._fresh.pop(key, None)
+        return keys
+
     # ---- writes -------------------------------------------------------------------------------------
     def append(self, records: list[tuple[str, bytes | None]]) -> set[str]:
         if not records:
@@ -194,6 +230,7 @@ class RedisStore:
         for (key, blob), reply in zip(records, replies):
             if int(reply[0]) == 1:
                 self._remember(key, reply[1])  # "0" after a delete: known to be absent
+                self._fresh.pop(key, None)  # a state an earlier refusal carried is older than this write
                 continue
             # the caller drops its copy; the redo reads the latest state (carried by the refusal: no round
             # trip), or writes over it (a sequence_start), so both need its version ("0": gone, a start
@@ -219,6 +256,12 @@ class RedisStore:
                     raise
                 self._r.script_load(_CAS)
         raise AssertionError("unreachable")
+
+    def overwrite(self, key: str) -> None:
+        """The next write of ``key`` is a sequence_start's: its state begins from the initial one, not from
+        the stored one, so it is written whatever the stored version (else a start of an id this replica
+        never read would always be refused once and computed twice)."""
+        self._remember(key, b"*")
 
     def create(self, key: str, blob: bytes) -> bool:
         self._remember(key, b"0")  # expected version "0": only if no replica has it

@@ -65,6 +65,11 @@ class SessionStore(Protocol):
         """Delete ``key`` whatever its version (DELETE /v1/sessions/{id})."""
         ...
 
+    def overwrite(self, key: str) -> None:
+        """The next write of ``key`` holds a state that does not derive from the stored one (a sequence
+        start): write it whatever the stored version."""
+        ...
+
     def current(self, key: str) -> bool:
         """Whether the state this process last read or wrote for ``key`` is still the latest."""
         ...
@@ -94,3 +99,6 @@ class LocalStore(StateLog):
 
     def current(self, key: str) -> bool:
         return True
+
+    def overwrite(self, key: str) -> None:
+        pass  # nothing is conditional here

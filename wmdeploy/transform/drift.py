@@ -209,9 +209,10 @@ class DriftReport:
         }
 
     def table(self) -> Any:
+        from rich.markup import escape  # noqa: PLC0415
         from rich.table import Table  # noqa: PLC0415
 
-        table = Table(title=f"drift of {self.candidate} against {self.reference} ({self.data})")
+        table = Table(title=escape(f"drift of {self.candidate} against {self.reference} ({self.data})"))
         for col in ("steps", "tensor", "role", "max abs", "mean abs", "rel", "cosine"):
             table.add_column(col, justify="left" if col in ("steps", "tensor", "role") else "right")
         for i, (lo, hi) in enumerate(self.buckets):

@@ -78,9 +78,10 @@ class OptimizeReport:
                 "stages": [{"stage": s, **st} for s, st in self.stages], "verify": self.verify_summary}
 
     def table(self) -> Any:
+        from rich.markup import escape  # noqa: PLC0415
         from rich.table import Table  # noqa: PLC0415
 
-        table = Table(title=f"optimize {self.source} -> {self.output} (level {self.level}: {self.portable_to})")
+        table = Table(title=escape(f"optimize {self.source} -> {self.output} (level {self.level}: {self.portable_to})"))
         for col in ("stage", "nodes", "weight bytes", "top op types"):
             table.add_column(col, justify="right" if col in ("nodes", "weight bytes") else "left")
         for stage, st in self.stages:

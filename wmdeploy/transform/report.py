@@ -39,12 +39,13 @@ class QuantizeReport:
             "weight_bytes": [self.before["weight_bytes"], self.after["weight_bytes"]]}
 
     def table(self) -> Any:
+        from rich.markup import escape  # noqa: PLC0415
         from rich.table import Table  # noqa: PLC0415
 
         ratio = self.after["weight_bytes"] / max(self.before["weight_bytes"], 1)
-        table = Table(title=f"quantize {self.mode}: {self.source} -> {self.output} (weights {self.before['weight_bytes']:,} "
-                            f"-> {self.after['weight_bytes']:,} bytes, x{ratio:.2f}; nodes {self.before['nodes']} -> "
-                            f"{self.after['nodes']})")
+        table = Table(title=escape(f"quantize {self.mode}: {self.source} -> {self.output} (weights {self.before['weight_bytes']:,} "
+                                   f"-> {self.after['weight_bytes']:,} bytes, x{ratio:.2f}; nodes {self.before['nodes']} -> "
+                                   f"{self.after['nodes']})"))
         for col in ("op with weights", "int8", "fp16", "float32", "why float"):
             table.add_column(col, justify="left" if col.startswith(("op", "why")) else "right")
         for op, c in sorted(self.precision.items()):
