@@ -115,3 +115,9 @@ def test_a_time_major_fixed_batch_file_keeps_its_time_axis(rt_gru_bare_path, tmp
     y_ref, h_ref = gru_reference(x, scale=0.25)
     np.testing.assert_allclose(np.concatenate(ys), y_ref, atol=1e-5)
     np.testing.assert_allclose(s.state["h"], h_ref, atol=1e-5)
+
+
+def test_annotate_makes_the_output_folder_like_export(rt_gru_bare_path, tmp_path):
+    out = tmp_path / "new" / "dir" / "g.onnx"
+    annotate(rt_gru_bare_path, out, states=["h=hN@1"], consts=["scale=0.25"])
+    assert read_spec(out).states[0].name == "h"

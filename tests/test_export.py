@@ -194,3 +194,30 @@ def test_producer_version_is_wmdeploys_not_torchs(mixed_file):
     assert model.producer_name == "wmdeploy"
     assert model.producer_version.startswith(f"{wmdeploy.__version__} (torch {torch.__version__}, ")
     assert wmdeploy.inspect_model(path)["producer"].startswith(f"wmdeploy {wmdeploy.__version__} (torch ")
+
+
+def test_inspect_counts_weights_in_subgraphs_and_constant_nodes(tmp_path):
+    """Exporters keep a recurrent cell's weights inside a Loop body or as Constant nodes; inspect counted the
+    top-level initializers only (too few parameters, and a too-low floor in profile)."""
+    import onnx
+    from onnx import TensorProto as T, helper, numpy_helper
+
+    w_outer = numpy_helper.from_array(np.ones((4, 4), np.float32), "w_outer")
+    w_body = numpy_helper.from_array(np.ones((4, 3), np.float32), "w_body")
+    const = helper.make_node("Constant", [], ["w_const"], value=numpy_helper.from_array(np.ones((5,), np.float32)))
+    shape = helper.make_node("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([0], np.int64)))
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_in", "w_body"], ["y_b"]), helper.make_node("Identity", ["cond"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", T.INT64, []), helper.make_tensor_value_info("cond", T.BOOL, []),
+                 helper.make_tensor_value_info("x_in", T.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", T.BOOL, []), helper.make_tensor_value_info("y_b", T.FLOAT, [1, 3])],
+        [w_body])
+    loop = helper.make_node("Loop", ["trip", "", "x"], ["y"], body=body)
+    graph = helper.make_graph([const, shape, loop], "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 3])],
+                              [w_outer, numpy_helper.from_array(np.array(2, np.int64), "trip")])
+    path = tmp_path / "loop.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    info = wmdeploy.inspect_model(path)
+    assert info["parameters"] == 16 + 1 + 12 + 5  # outer weights, trip count, the body's weights, the float Constant
+    assert info["weight_bytes"] == (16 + 12 + 5) * 4 + 8

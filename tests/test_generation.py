@@ -196,3 +196,8 @@ def test_chat_mistakes_are_one_line_and_the_conversation_goes_on(recall_lm, tmp_
     assert replies[2] == f"error: /load {tmp_path / 'nothere.bin'}: cannot read it (No such file or directory)"
     assert replies[3] == "error: /save: expected a file name (/save FILE)"
     assert replies[5] == "B"  # none of it touched the memory of turn 1
+
+
+def test_an_infinite_temperature_is_refused(lm_path):
+    with pytest.raises(wmdeploy.InputError, match="--temperature: inf"):
+        wmdeploy.generate(wmdeploy.load(lm_path), "The river", temperature=float("inf"))

@@ -345,3 +345,12 @@ def test_device_memory_running_out_on_grow_or_shrink_is_a_capacity_error_or_noth
     monkeypatch.undo()
     assert pool.trim() and pool.allocated == 2  # memory back: the shrink goes through
     np.testing.assert_allclose(pool.state(sids[0])["h"], alone[sids[0]].state["h"], atol=1e-5)
+
+
+def test_a_numpy_integer_is_a_pool_size(rt_lstm):
+    pool = rt_lstm.pool(np.int64(3), reserve=np.int32(2))
+    assert pool.capacity == 3 and pool.allocated == 2
+    for _ in range(3):
+        pool.join()
+    with pytest.raises(wmdeploy.CapacityError):
+        pool.join()

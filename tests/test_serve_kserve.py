@@ -164,3 +164,32 @@ def test_json_answers_round_trip_every_float_exactly(monkeypatch, fast):
                 np.array([[np.nan, 1.0]], np.float32)):
         back = np.asarray(json.loads(_common.array_json(arr).replace("NaN", "null")), dtype=np.float32)
         np.testing.assert_array_equal(back, arr)
+
+
+def test_json_integers_that_do_not_fit_a_narrow_input_are_400_not_wrapped(tmp_path):
+    """JSON `data` went through numpy's astype, which wraps silently: 300 for a UINT8 input ran as 44 and
+    -1 as 255 (a wrong answer, 200). Now a 400 naming the input and the value; the sequence is unchanged."""
+    from _rt_models import build_narrow_onnx
+    import wmdeploy
+
+    path = build_narrow_onnx(tmp_path / "narrow.onnx")
+    srv = ThreadServer(ServeConfig(path, name="narrow"), wmdeploy.load(path))
+
+    def body(level: int, start: bool) -> dict:
+        def t(name: str, dtype: str, v: float) -> dict:
+            return {"name": name, "shape": [1, 1], "datatype": dtype, "data": [v]}
+        return {"inputs": [t("ids", "INT32", 1), t("level", "UINT8", level), t("gain", "FP16", 0.5)],
+                "parameters": {"sequence_id": 7, "sequence_start": start}}
+
+    try:
+        with srv.client() as c:
+            ok = c.post("/v2/models/narrow/infer", json=body(2, True))
+            assert ok.status_code == 200, ok.text
+            for bad in (300, -1):
+                r = c.post("/v2/models/narrow/infer", json=body(bad, False))
+                assert r.status_code == 400 and f"input 'level': value {bad} does not fit uint8" in r.text, r.text
+            again = c.post("/v2/models/narrow/infer", json=body(2, False))  # the sequence moved once: 3.5 + 3.5
+            y = next(o for o in again.json()["outputs"] if o["name"] == "y")
+            assert y["data"] == [7.0]
+    finally:
+        srv.stop()

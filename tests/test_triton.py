@@ -139,3 +139,10 @@ def test_serve_and_triton_give_a_file_the_same_default_name(tmp_path):
             assert c.get(f"/v2/models/{repo.model_dir.name}").json()["name"] == "lstm_wm"
     finally:
         srv.stop()
+
+
+def test_an_empty_name_is_refused_not_replaced(tmp_path):
+    src = tmp_path / "lstm.onnx"
+    wmdeploy.export(cm.TinyLSTM(), src, verify=False)
+    with pytest.raises(SpecError, match="--name: '' is not a valid Triton model name"):
+        write_repository(src, tmp_path / "r", name="")

@@ -37,12 +37,12 @@ def _as_array(t: TensorSpec, value: Any, where: str) -> np.ndarray:
                 arr = np.asarray(value, dtype=want)
         except (OverflowError, ValueError) as exc:
             raise InputError(f"{where}input '{t.name}': values do not fit {t.dtype} ({exc})") from None
-        _check_fits(t, raw, arr, where)
+        check_fits(t, raw, arr, where)
         return arr
     raise InputError(f"{where}input '{t.name}': got {type(value).__name__}, expected a numpy array of {t.dtype}")
 
 
-def _check_fits(t: TensorSpec, raw: np.ndarray, arr: np.ndarray, where: str) -> None:
+def check_fits(t: TensorSpec, raw: np.ndarray, arr: np.ndarray, where: str) -> None:
     """Python ints out of range raise in numpy, but numpy ints inside a list (``[np.int64(-1)]``, a list of
     int64 arrays) wrap silently (-1 -> 255 in uint8), and a too-large float becomes inf: refuse both."""
     if not raw.size or raw.dtype.kind == "b":

@@ -269,6 +269,7 @@ def annotate(model_path: str | Path, out_path: str | Path, states: list[str] | M
     graph.output.extend(copies_out)
     write_spec(model, spec)
     try:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)  # like export: -o out/x.onnx makes out/
         onnx.save(model, str(out_path))
     except Exception as exc:
         raise ModelFileError(f"{out_path}: cannot write the annotated model ({type(exc).__name__}: {exc})") from None

@@ -249,8 +249,8 @@ def generate(model_or_stream: Any, prompt: str, *, max_tokens: int = 100, temper
     """
     if not 0 < top_p <= 1:
         raise InputError(f"--top-p: {top_p}; expected a probability in (0, 1]")
-    if not temperature >= 0:  # NaN too; 0 is greedy
-        raise InputError(f"--temperature: {temperature}; expected 0 (greedy) or a positive number")
+    if not 0 <= temperature < float("inf"):  # NaN and inf too; 0 is greedy
+        raise InputError(f"--temperature: {temperature}; expected 0 (greedy) or a positive finite number")
     if max_tokens < 0 or top_k < 0:
         raise InputError(f"--max-tokens/--top-k: expected non-negative values, got {max_tokens}/{top_k}")
     stream = model_or_stream.stream() if hasattr(model_or_stream, "pool") else model_or_stream

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -17,6 +17,25 @@ from .errors import ModelFileError
 
 def _dims(value: Any) -> list[int | str]:
     return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in value.type.tensor_type.shape.dim]
+
+
+_FLOAT_CODES = {1, 10, 11, 16}  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _stored_tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph stores: its initializers and ``Constant`` nodes, and those of every subgraph
+    (a ``Loop``/``Scan``/``If`` body keeps a recurrent cell's weights there; counting only the top
+    level's initializers reported a fraction of the weights, and profile's floor with them)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            # a Constant holds weights when it is floating point (int64 ones are shapes and axes)
+            if node.op_type == "Constant" and attr.name == "value" and attr.HasField("t") and attr.t.data_type in _FLOAT_CODES:
+                yield attr.t
+            if attr.HasField("g"):
+                yield from _stored_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _stored_tensors(sub)
 
 
 def _from_onnx(path: Path) -> dict[str, Any]:
@@ -29,11 +48,11 @@ def _from_onnx(path: Path) -> dict[str, Any]:
     graph = model.graph
     params = 0
     weight_bytes = 0
-    for init in graph.initializer:
-        n = int(np.prod(init.dims)) if len(init.dims) else 1
+    for tensor in _stored_tensors(graph):
+        n = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
         params += n
-        dtype = ONNX_CODE_TO_DTYPE.get(init.data_type)
-        itemsize = np.dtype(dtype).itemsize if dtype else onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        dtype = ONNX_CODE_TO_DTYPE.get(tensor.data_type)
+        itemsize = np.dtype(dtype).itemsize if dtype else onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         weight_bytes += n * itemsize
     initializer_names = {i.name for i in graph.initializer}
 

@@ -158,7 +158,7 @@ class Stream:
             self._arena.write(self._slots, restored)
             self.steps = steps
 
-    def step(self, **inputs: Any) -> dict[str, np.ndarray]:
+    def step(self, /, **inputs: Any) -> dict[str, np.ndarray]:  # /: an input may be called "self"
         """Feed one chunk; return the data outputs. The state advances only if the step succeeds."""
         feeds, _ = check_inputs(self.spec, inputs, self.batch)
         out = self.model.backend.run(self._arena, self._slots, feeds)
@@ -191,6 +191,11 @@ def _rows(arr: np.ndarray, axis: int, n: int) -> list[np.ndarray]:
     return [arr[lead + (slice(i, i + 1),)] for i in range(n)]
 
 
+def _count(value: Any) -> Any:
+    """A numpy integer as a plain int (``np.int64(4)`` is a fine pool size); anything else unchanged."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
 class StreamPool:
     """Streams (at most ``capacity``; ``None``: no limit), each with its own working memory, stepped in
     batched engine calls; the state arena grows and shrinks with the live streams (see the module doc).
@@ -204,6 +209,7 @@ class StreamPool:
 
     def __init__(self, model: Model, capacity: int | None = None, *, reserve: int = 0,
                  shrink_after_s: float = 30.0) -> None:
+        capacity, reserve = _count(capacity), _count(reserve)  # numpy integers are counts too
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise CapacityError(f"pool capacity {capacity!r}: expected at least 1, or None for no limit")
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0 or (capacity and reserve > capacity):

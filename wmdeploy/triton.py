@@ -309,7 +309,7 @@ def write_repository(model: str | Path, repo: str | Path, *, name: str | None = 
         notes.append(f"max_batch_size {spec.max_batch}, not {max_batch}: the graph fixes its batch at {spec.max_batch} "
                      f"(meta.max_batch), so Triton cannot batch its sequences; scale it with --instances")
         max_batch = spec.max_batch
-    name = name or default_model_name(source)  # --name is checked as given
+    name = default_model_name(source) if name is None else name  # --name is checked as given ('' too)
     if not name.replace("_", "").replace("-", "").isalnum():
         raise SpecError(f"--name: '{name}' is not a valid Triton model name (letters, digits, '_' and '-')")
     model_dir = Path(repo) / name

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .._inputs import check_fits
 from ..contract import BATCH, StreamingSpec
 from ..errors import InputError, WmdeployError
 from .validate import TooLarge
@@ -112,9 +113,11 @@ def decode_tensor(spec: StreamingSpec, name: str, shape: Any, datatype: Any, *, 
     if arr.size != count:
         raise KServeError(f"input '{name}': {what} has {arr.size} elements, shape {shape} needs {count}")
     try:
-        return arr.astype(want.np_dtype).reshape(shape)
+        converted = arr.astype(want.np_dtype).reshape(shape)
     except (OverflowError, ValueError) as exc:
         raise KServeError(f"input '{name}': values do not fit {datatype} ({exc})") from None
+    check_fits(want, arr, converted, "")  # astype wraps ints silently (300 -> 44 in UINT8): refuse instead
+    return converted
 
 
 def _tensor(spec: StreamingSpec, entry: Any, binary: memoryview, pos: int) -> tuple[str, np.ndarray, int]:
