@@ -121,6 +121,11 @@ def test_the_engine_queue_is_bounded(rt_lstm):
     batcher.enqueue(StepJob("b", feeds))
     with pytest.raises(Overloaded, match="retry later"):
         batcher.enqueue(StepJob("c", feeds))
+    # session-table operations (create, snapshot, list, ...) queue on the same engine thread: bounded too
+    import asyncio  # noqa: PLC0415
+
+    with pytest.raises(Overloaded, match="2 jobs are already queued"):
+        asyncio.run(batcher.call(len, "x"))
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -116,6 +116,8 @@ class Batcher:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the engine thread, in order with the steps (session table operations)."""
+        if self._q.qsize() >= self.max_queue:  # creates, snapshots, listings too: a flood of any kind is bounded
+            raise Overloaded(f"server: {self.max_queue} jobs are already queued; retry later")
         job = CallJob(fn, args)
         self._put(job)
         return await self.wait(job.future)
