@@ -26,21 +26,34 @@ PIPELINE_DEPTH = 2
 
 
 async def drive(sessions: int, steps: int, warmup: int,
-                step: Callable[[int, int, bool], Awaitable[None]]) -> tuple[float, list[float]]:
-    """Every session runs ``warmup + steps`` requests; the clock starts once all are warm."""
+                step: Callable[[int, int, bool], Awaitable[Any]], depth: int = 1) -> tuple[float, list[float]]:
+    """Every session runs ``warmup + steps`` requests; the clock starts once all are warm. ``step`` either
+    completes its request (returns None) or writes it and returns the future of its answer, in which case a
+    session keeps up to ``depth`` requests in flight. A latency is from a request's start to its answer."""
     lat: list[float] = []
     go, warm = asyncio.Event(), [0]
     total = warmup + steps
 
     async def run(i: int) -> None:
+        inflight: list[tuple[float, Any, bool]] = []
+
+        async def settle(n: int) -> None:
+            while len(inflight) > n:
+                t0, answer, timed = inflight.pop(0)
+                if answer is not None:
+                    await answer
+                if timed:
+                    lat.append(time.perf_counter() - t0)
+
         for k in range(total):
             if k == warmup:
+                await settle(0)
                 warm[0] += 1
                 await go.wait()
+            await settle(depth - 1)
             t0 = time.perf_counter()
-            await step(i, k, k == total - 1)
-            if k >= warmup:
-                lat.append(time.perf_counter() - t0)
+            inflight.append((t0, await step(i, k, k == total - 1), k >= warmup))
+        await settle(0)
 
     tasks = [asyncio.create_task(run(i)) for i in range(sessions)]
     while warm[0] < sessions:
@@ -102,45 +115,6 @@ def _grpc_request(pb: Any, sid: int, k: int, last: bool, tokens: np.ndarray, rid
     return req
 
 
-async def drive_pipelined(sessions: int, steps: int, warmup: int, depth: int,
-                          send: Callable[[int, int, bool], Awaitable["asyncio.Future[Any]"]]) -> tuple[float, list[float]]:
-    """Like :func:`drive`, but each session keeps up to ``depth`` requests in flight (``send`` writes one and
-    returns the future of its answer); a latency is from a request's write to its answer."""
-    lat: list[float] = []
-    go, warm = asyncio.Event(), [0]
-    total = warmup + steps
-
-    async def run(i: int) -> None:
-        inflight: list[tuple[float, Any, bool]] = []
-
-        async def settle(n: int) -> None:
-            while len(inflight) > n:
-                t0, fut, timed = inflight.pop(0)
-                await fut
-                if timed:
-                    lat.append(time.perf_counter() - t0)
-
-        for k in range(total):
-            if k == warmup:
-                await settle(0)
-                warm[0] += 1
-                await go.wait()
-            await settle(depth - 1)
-            inflight.append((time.perf_counter(), await send(i, k, k == total - 1), k >= warmup))
-        await settle(0)
-
-    tasks = [asyncio.create_task(run(i)) for i in range(sessions)]
-    while warm[0] < sessions:
-        for t in tasks:
-            if t.done() and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-        await asyncio.sleep(0.005)
-    go.set()
-    t0 = time.perf_counter()
-    await asyncio.gather(*tasks)
-    return time.perf_counter() - t0, lat
-
-
 async def v2_grpc(port: int, sessions: int, chunk: int, steps: int, stream: bool, warmup: int = 2,
                   depth: int = 1) -> tuple[float, list[float]]:
     import grpc  # noqa: PLC0415
@@ -190,7 +164,7 @@ async def v2_grpc(port: int, sessions: int, chunk: int, steps: int, stream: bool
 
         try:
             if depth > 1:
-                return await drive_pipelined(sessions, steps, warmup, depth, send_checked)
+                return await drive(sessions, steps, warmup, send_checked, depth)
             return await drive(sessions, steps, warmup, step)
         finally:
             await call.done_writing()
