@@ -1,6 +1,7 @@
 """What the serving benches share: the 2 x 1024 LSTM LM they serve, a ``wmdeploy serve`` subprocess on a
-free loopback port, and one raw keep-alive HTTP/1.1 connection (a Python HTTP client would cost more per
-request than the server does, and the client shares the machine's cores with it)."""
+free loopback port, one raw keep-alive HTTP/1.1 connection (a Python HTTP client would cost more per
+request than the server does, and the client shares the machine's cores with it), and the load driver
+every wire's sessions run under (warm-up, one clock for all, one request or ``depth`` in flight each)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 ZOO = "lstm_lm_2x1024"
 
@@ -100,3 +101,45 @@ class Conn:
 
     def close(self) -> None:
         self.w.close()
+
+
+async def drive(sessions: int, steps: int, warmup: int,
+                step: Callable[[int, int, bool], Awaitable[Any]], depth: int = 1) -> tuple[float, list[float]]:
+    """Every session runs ``warmup + steps`` requests; the clock starts once all are warm. ``step`` either
+    completes its request (returns None) or writes it and returns the future of its answer, in which case a
+    session keeps up to ``depth`` requests in flight. A latency is from a request's start to its answer."""
+    lat: list[float] = []
+    go, warm = asyncio.Event(), [0]
+    total = warmup + steps
+
+    async def run(i: int) -> None:
+        inflight: list[tuple[float, Any, bool]] = []
+
+        async def settle(n: int) -> None:
+            while len(inflight) > n:
+                t0, answer, timed = inflight.pop(0)
+                if answer is not None:
+                    await answer
+                if timed:
+                    lat.append(time.perf_counter() - t0)
+
+        for k in range(total):
+            if k == warmup:
+                await settle(0)
+                warm[0] += 1
+                await go.wait()
+            await settle(depth - 1)
+            t0 = time.perf_counter()
+            inflight.append((t0, await step(i, k, k == total - 1), k >= warmup))
+        await settle(0)
+
+    tasks = [asyncio.create_task(run(i)) for i in range(sessions)]
+    while warm[0] < sessions:
+        for t in tasks:
+            if t.done() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        await asyncio.sleep(0.005)
+    go.set()
+    t0 = time.perf_counter()
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - t0, lat

@@ -12,59 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import numpy as np
-from _serve_proc import Conn
+from _serve_proc import Conn, drive
 
 WIRES = ("v2 HTTP JSON", "v2 HTTP binary", "v2 gRPC", "v2 gRPC stream", "v2 gRPC stream, 2 in flight")
 #: requests a sequence keeps in flight on the pipelined stream: the next chunk is written before the answer
 #: to the previous one arrives (what an audio or sensor client streaming with async_stream_infer does;
 #: the server still applies each sequence's chunks in order)
 PIPELINE_DEPTH = 2
-
-
-async def drive(sessions: int, steps: int, warmup: int,
-                step: Callable[[int, int, bool], Awaitable[Any]], depth: int = 1) -> tuple[float, list[float]]:
-    """Every session runs ``warmup + steps`` requests; the clock starts once all are warm. ``step`` either
-    completes its request (returns None) or writes it and returns the future of its answer, in which case a
-    session keeps up to ``depth`` requests in flight. A latency is from a request's start to its answer."""
-    lat: list[float] = []
-    go, warm = asyncio.Event(), [0]
-    total = warmup + steps
-
-    async def run(i: int) -> None:
-        inflight: list[tuple[float, Any, bool]] = []
-
-        async def settle(n: int) -> None:
-            while len(inflight) > n:
-                t0, answer, timed = inflight.pop(0)
-                if answer is not None:
-                    await answer
-                if timed:
-                    lat.append(time.perf_counter() - t0)
-
-        for k in range(total):
-            if k == warmup:
-                await settle(0)
-                warm[0] += 1
-                await go.wait()
-            await settle(depth - 1)
-            t0 = time.perf_counter()
-            inflight.append((t0, await step(i, k, k == total - 1), k >= warmup))
-        await settle(0)
-
-    tasks = [asyncio.create_task(run(i)) for i in range(sessions)]
-    while warm[0] < sessions:
-        for t in tasks:
-            if t.done() and t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-        await asyncio.sleep(0.005)
-    go.set()
-    t0 = time.perf_counter()
-    await asyncio.gather(*tasks)
-    return time.perf_counter() - t0, lat
 
 
 def _params(sid: int, k: int, last: bool) -> dict[str, Any]:

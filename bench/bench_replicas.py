@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from _serve_proc import ZOO, Conn, Server, export_zoo, free_port, metric  # noqa: E402  (bench/ is on sys.path)
+from _serve_proc import ZOO, Conn, Server, drive, export_zoo, free_port, metric  # noqa: E402  (bench/ is on sys.path)
 
 
 class Redis:
@@ -79,30 +79,15 @@ async def stream(servers: list[Server], sessions: int, chunk: int, steps: int, r
         status, body = await per[i % len(servers)].post_json("/v1/sessions", {})
         assert status == 201, body
         ids.append(json.loads(body)["id"])
-    lat: list[float] = []
-    go, warm = asyncio.Event(), [0]
 
-    async def run(i: int) -> None:
-        for k in range(warmup + steps):
-            if k == warmup:
-                warm[0] += 1
-                await go.wait()
-            conn = conns[i][(i + k) % len(servers) if round_robin else i % len(servers)]
-            tokens = rng.integers(0, 256, size=(1, chunk)).tolist()
-            t0 = time.perf_counter()
-            status, body = await conn.post_json(f"/v1/sessions/{ids[i]}/step", {"inputs": {"tokens": tokens}})
-            assert status == 200, body[:200]
-            json.loads(body)
-            if k >= warmup:
-                lat.append(time.perf_counter() - t0)
+    async def step(i: int, k: int, last: bool) -> None:
+        conn = conns[i][(i + k) % len(servers) if round_robin else i % len(servers)]
+        tokens = rng.integers(0, 256, size=(1, chunk)).tolist()
+        status, body = await conn.post_json(f"/v1/sessions/{ids[i]}/step", {"inputs": {"tokens": tokens}})
+        assert status == 200, body[:200]
+        json.loads(body)
 
-    tasks = [asyncio.create_task(run(i)) for i in range(sessions)]
-    while warm[0] < sessions:
-        await asyncio.sleep(0.01)
-    go.set()
-    t0 = time.perf_counter()
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - t0
+    wall, lat = await drive(sessions, steps, warmup, step)
     for i, per in enumerate(conns):
         await per[0].post_json(f"/v1/sessions/{ids[i]}", None, b"DELETE")
         for c in per:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 import _serve_wires as wires  # noqa: E402  (bench/ is on sys.path when this script runs)
-from _serve_proc import ZOO, Conn, Server, export_zoo, metric  # noqa: E402
+from _serve_proc import ZOO, Conn, Server, drive, export_zoo, metric  # noqa: E402
 
 def engine_ceiling(model: Path, batch: int, chunk: int, repeats: int = 12) -> float:
     """Median seconds of one raw InferenceSession.run (default options) at this batch and chunk."""
@@ -67,29 +67,14 @@ async def stream_sessions(port: int, sessions: int, chunk: int, steps: int, enco
         status, body = await c.post_json("/v1/sessions", {})
         assert status == 201, body
         ids.append(json.loads(body)["id"])
-    lat: list[float] = []
-    go, warm = asyncio.Event(), [0]
 
-    async def run(c: Conn, sid: str) -> None:
-        for k in range(warmup + steps):
-            if k == warmup:  # everyone warm before the clock starts
-                warm[0] += 1
-                await go.wait()
-            tokens = rng.integers(0, 256, size=(1, chunk)).tolist()
-            t0 = time.perf_counter()
-            status, body = await c.post_json(f"/v1/sessions/{sid}/step", {"inputs": {"tokens": tokens}, "encoding": encoding})
-            assert status == 200, body[:200]
-            json.loads(body)  # a client reads its answer: part of the cost
-            if k >= warmup:
-                lat.append(time.perf_counter() - t0)
+    async def step(i: int, k: int, last: bool) -> None:
+        tokens = rng.integers(0, 256, size=(1, chunk)).tolist()
+        status, body = await conns[i].post_json(f"/v1/sessions/{ids[i]}/step", {"inputs": {"tokens": tokens}, "encoding": encoding})
+        assert status == 200, body[:200]
+        json.loads(body)  # a client reads its answer: part of the cost
 
-    tasks = [asyncio.create_task(run(c, sid)) for c, sid in zip(conns, ids)]
-    while warm[0] < sessions:
-        await asyncio.sleep(0.01)
-    go.set()
-    t0 = time.perf_counter()
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - t0
+    wall, lat = await drive(sessions, steps, warmup, step)
     for c, sid in zip(conns, ids):  # done: the sessions go (they would count as active for a while)
         await c.post_json(f"/v1/sessions/{sid}", None, b"DELETE")
         c.close()

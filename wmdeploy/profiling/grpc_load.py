@@ -51,7 +51,7 @@ def _requests(pb: Any, spec: StreamingSpec, model: str, sid: int, chunk: int, se
 
 async def _cell(url: str, target: str, model: str, spec: StreamingSpec, concurrency: int, chunk: int,
                 settings: dict[str, Any], metadata: tuple[tuple[str, str], ...], on_window: Any,
-                windows_of: Any, error: type[Exception]) -> tuple[Timing, bool]:
+                timed_workers: Any, error: type[Exception]) -> tuple[Timing, bool]:
     import grpc  # noqa: PLC0415
     from tritonclient.grpc import service_pb2 as pb  # noqa: PLC0415
     from tritonclient.grpc import service_pb2_grpc as pb_grpc  # noqa: PLC0415
@@ -92,23 +92,16 @@ async def _cell(url: str, target: str, model: str, spec: StreamingSpec, concurre
             return bool(held.size) and not np.all(held == state.init)
 
         tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
-        try:
-            windows = await windows_of(samples, tasks, settings, concurrency, on_window)
-        finally:
-            stop.set()
-            done = await asyncio.gather(*tasks, return_exceptions=True)
-    for res in done:
-        if isinstance(res, BaseException):
-            raise res
-    return Timing.of(windows, settings["stability"], settings["warmup"]), all(done)
+        timing, changed = await timed_workers(samples, tasks, stop, settings, concurrency, on_window)
+    return timing, all(changed)
 
 
 def measure_grpc(url: str, default_model: str, spec: StreamingSpec, concurrency: int, chunk: int,
-                 settings: dict[str, Any], api_key: str | None, on_window: Any, windows_of: Any,
+                 settings: dict[str, Any], api_key: str | None, on_window: Any, timed_workers: Any,
                  error: type[Exception]) -> tuple[Timing, bool]:
     """(timing of every call, whether every sequence's state moved) for one server cell over gRPC.
 
-    ``windows_of`` (the HTTP cell's window loop) and ``error`` (its ``ServerError``) come from
+    ``timed_workers`` (the HTTP cell's window loop) and ``error`` (its ``ServerError``) come from
     :mod:`.server`, which imports this module: passed in, not imported back (no import cycle)."""
     try:
         import grpc  # noqa: F401, PLC0415
@@ -120,4 +113,4 @@ def measure_grpc(url: str, default_model: str, spec: StreamingSpec, concurrency:
     target, model = parse_grpc_url(url, default_model)
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     return asyncio.run(_cell(url, target, model, spec, concurrency, chunk, settings, metadata,
-                             on_window or (lambda i, p: None), windows_of, error))
+                             on_window or (lambda i, p: None), timed_workers, error))

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import machine as _machine
 from .report import Cell, ProfileReport, Progress, model_facts, positive_ints, speedups
-from .timing import MIN_WINDOW_STEPS, STABLE_WINDOWS, Timing, Window, spread
+from .timing import MIN_WINDOW_STEPS, Timing, Window, settles
 from ..contract import StreamingSpec
 from ..errors import InputError, WmdeployError
 from ..runners import axis_sizes, sample_inputs
@@ -95,15 +95,23 @@ async def _measure(client: Any, ids: list[str], spec: StreamingSpec, chunk: int,
             acked[sid] = int(out["steps"])
 
     tasks = [asyncio.create_task(worker(i, sid)) for i, sid in enumerate(ids)]
+    timing, _ = await timed_workers(samples, tasks, stop, settings, concurrency, on_window)
+    return timing, all(acked[s] == sent[s] > 0 for s in ids)
+
+
+async def timed_workers(samples: list[float], tasks: list[asyncio.Task], stop: asyncio.Event,
+                        settings: dict[str, Any], concurrency: int, on_window: Any) -> tuple[Timing, list[Any]]:
+    """Time the running ``tasks`` (each appends its request times to ``samples``) in windows, then stop them:
+    the timing and every task's result; a task that failed ends the measurement with its error."""
     try:
         windows = await _windows(samples, tasks, settings, concurrency, on_window)
     finally:
         stop.set()
         done = await asyncio.gather(*tasks, return_exceptions=True)
-    for exc in done:
-        if isinstance(exc, BaseException):
-            raise exc
-    return Timing.of(windows, settings["stability"], settings["warmup"]), all(acked[s] == sent[s] > 0 for s in ids)
+    for res in done:
+        if isinstance(res, BaseException):
+            raise res
+    return Timing.of(windows, settings["stability"], settings["warmup"]), done
 
 
 async def _windows(samples: list[float], tasks: list[asyncio.Task], settings: dict[str, Any], concurrency: int,
@@ -130,7 +138,7 @@ async def _windows(samples: list[float], tasks: list[asyncio.Task], settings: di
                 break
         windows.append(Window(samples[start:start + n], time.perf_counter() - t0))
         on_window(len(windows), windows[-1].p50_s)
-        if len(windows) >= STABLE_WINDOWS and spread([w.p50_s for w in windows[-STABLE_WINDOWS:]]) <= settings["stability"]:
+        if settles(windows, settings["stability"]):
             break
     return windows
 
@@ -191,7 +199,7 @@ def profile_server(url: str, files: Sequence[Any], concurrency: Sequence[int] = 
                 from .grpc_load import measure_grpc  # noqa: PLC0415
 
                 cell.timing, cell.state_changed = measure_grpc(url, default_model_name(facts.file), facts.spec, c, chunk,
-                                                               settings, api_key, on_window, _windows, ServerError)
+                                                               settings, api_key, on_window, timed_workers, ServerError)
             else:
                 cell.timing, cell.state_changed = measure_server(url, facts.spec, c, chunk, settings, api_key,
                                                                  on_window)
