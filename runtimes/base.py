@@ -123,6 +123,13 @@ class Backend(ABC):
         ``slots`` are what they were before the call.
         """
 
+    def file_metadata(self) -> dict[str, str]:
+        """The model file's ``metadata_props`` (the spec, and what travels beside it: a tokenizer, a chat
+        template). Engines that parsed the file already override this to answer without reading it again."""
+        from wmdeploy.contract import read_metadata  # noqa: PLC0415
+
+        return read_metadata(self.path)
+
     def describe(self) -> dict[str, Any]:
         """Facts for ``inspect``/``profile``: providers, threads, ... (free-form)."""
         return {"backend": self.name, "device": self.device}

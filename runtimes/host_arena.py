@@ -10,6 +10,11 @@ live state, so a subset of slots can step without disturbing the others. A step 
 * *gather*: otherwise the live rows are gathered into per-batch-size scratch buffers, the engine runs
   scratch-in -> scratch-out, and the result is scattered back.
 
+A state the spec marks ``inplace`` (a KV cache the graph writes where it read it) has *one* buffer: the
+engine reads and writes it in place (input and output bound to the same memory), its parity is ignored,
+and gathered runs use one scratch buffer as both input and output. Rolling such a state back is not
+needed: the rows a rolled-back step wrote lie beyond the stream's restored position, where they are masked.
+
 Nothing here knows the engine: the backend wraps :meth:`views_of`/:meth:`scratch` buffers in its own
 tensor type and calls :meth:`finish` after a successful run (a failed run finishes nothing, so the state
 is unchanged). ``resize`` (growth and shrink of a pool) and ``checkpoint``/``rollback``/``commit`` (undo
@@ -63,7 +68,7 @@ class HostArena(StateArena):
         if capacity < 1 or not 0 <= keep <= min(capacity, self.capacity or capacity):
             raise BackendError(f"arena resize to {capacity} slots keeping {keep}: out of range (capacity {self.capacity})")
         # Every buffer is allocated before anything changes: running out of memory leaves the arena as it was.
-        both = [np.empty((2, *s.shape_for(capacity)), dtype=s.np_dtype) for s in self.states]
+        both = [np.empty((1 if s.inplace else 2, *s.shape_for(capacity)), dtype=s.np_dtype) for s in self.states]
         for i, (s, arr) in enumerate(zip(self.states, both)):
             if keep:  # the live rows (whichever buffer holds them), compacted into buffer 0
                 self.gather(i, np.arange(keep, dtype=np.intp), out=arr[0][batch_index(arr.ndim - 1, s.batch_axis, slice(0, keep))])
@@ -82,10 +87,14 @@ class HostArena(StateArena):
             return np.arange(slots.start, slots.stop, dtype=np.intp)
         return np.asarray(slots, dtype=np.intp)
 
+    def _parity(self, i: int, idx: np.ndarray) -> np.ndarray:
+        """Which buffer holds each slot's live state (always buffer 0 for an in-place state)."""
+        return np.zeros(len(idx), np.intp) if self.states[i].inplace else self.parity[idx]
+
     def gather(self, i: int, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         s, both = self.states[i], self.both[i]
         ax = s.batch_axis
-        par = self.parity[idx]
+        par = self._parity(i, idx)
         if out is None:
             out = np.empty(s.shape_for(len(idx)), dtype=s.np_dtype)
         if len(idx) and (par == par[0]).all():
@@ -96,7 +105,7 @@ class HostArena(StateArena):
 
     def scatter(self, i: int, idx: np.ndarray, values: np.ndarray) -> None:
         ax = self.states[i].batch_axis
-        np.moveaxis(self.both[i], ax + 1, 1)[self.parity[idx], idx] = np.moveaxis(values, ax, 0)
+        np.moveaxis(self.both[i], ax + 1, 1)[self._parity(i, idx), idx] = np.moveaxis(values, ax, 0)
 
     def read(self, slots: Slots) -> dict[str, np.ndarray]:
         idx = self.slots_array(slots)
@@ -113,7 +122,7 @@ class HostArena(StateArena):
         idx = self.slots_array(slots)
         self.parity[idx] = self.parity[0]
         for i, s in enumerate(self.states):
-            np.moveaxis(self.both[i], s.batch_axis + 1, 1)[self.parity[idx], idx] = s.init
+            np.moveaxis(self.both[i], s.batch_axis + 1, 1)[self._parity(i, idx), idx] = s.init
 
     def move(self, src: int, dst: int) -> None:
         if src != dst:
@@ -137,14 +146,16 @@ class HostArena(StateArena):
 
     def views_of(self, parity: int, lo: int, hi: int) -> list[np.ndarray]:
         """Buffer ``parity``'s slices of slots ``lo:hi`` (views into the arena, one per state)."""
-        return [both[parity][batch_index(both.ndim - 1, s.batch_axis, slice(lo, hi))]
+        return [both[0 if s.inplace else parity][batch_index(both.ndim - 1, s.batch_axis, slice(lo, hi))]
                 for s, both in zip(self.states, self.both)]
 
     def scratch(self, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         hit = self._scratch.get(n)
         if hit is None:
             bufs_in = [np.empty(s.shape_for(n), s.np_dtype) for s in self.states]
-            hit = self._scratch[n] = (bufs_in, [np.empty_like(b) for b in bufs_in])
+            # an in-place state is read and written in one buffer: the engine binds it as input and output
+            bufs_out = [b if s.inplace else np.empty_like(b) for s, b in zip(self.states, bufs_in)]
+            hit = self._scratch[n] = (bufs_in, bufs_out)
             if len(self._scratch) > _MAX_SCRATCH:
                 self._scratch.popitem(last=False)
         else:

@@ -90,7 +90,10 @@ class OrtCpuArena(HostArena):
             io.bind_output(name, "cpu")
         keep = []  # OrtValues wrap numpy memory without owning it: keep both alive with the binding
         for s, arr_in, arr_out in zip(self.states, state_in, state_out):
-            vin, vout = b.ort.OrtValue.ortvalue_from_numpy(arr_in), b.ort.OrtValue.ortvalue_from_numpy(arr_out)
+            vin = b.ort.OrtValue.ortvalue_from_numpy(arr_in)
+            # an in-place state (a KV cache under GroupQueryAttention): one OrtValue bound as input and output,
+            # which is what ORT's kernel recognises as past/present sharing a buffer (it writes only new rows)
+            vout = vin if s.inplace else b.ort.OrtValue.ortvalue_from_numpy(arr_out)
             io.bind_ortvalue_input(s.name, vin)
             io.bind_ortvalue_output(s.output, vout)
             keep += [vin, vout, arr_in, arr_out]
@@ -196,6 +199,9 @@ class OrtBackend(Backend):
         values = io.get_outputs()
         # .numpy() on a CPU OrtValue is a view that keeps the ORT buffer alive: no copy needed.
         return {name: values[i].numpy() for i, name in enumerate(self.output_names[: self.n_data_out])}
+
+    def file_metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "onnxruntime": self.ort.__version__,

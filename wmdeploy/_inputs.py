@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .contract import BATCH, StreamingSpec, TensorSpec, as_shape
-from .errors import InputError
+from .errors import ContextLengthError, InputError
 
 _KIND_OK = {"f": "biuf", "i": "biu", "u": "biu", "b": "b"}  # spec dtype kind -> list value kinds accepted
 
@@ -155,3 +155,39 @@ def engine_blame(spec: StreamingSpec, exc: BaseException) -> str | None:
         named = [t.name for t in spec.inputs if t.np_dtype.kind in "iu"]
     named = named or [t.name for t in spec.inputs]
     return ", ".join(f"input '{n}'" for n in named) or "its inputs"
+
+
+class ContextBound:
+    """The context capacity of a language model whose streams carry their own position (``meta.max_context``
+    and ``meta.position_state``, written by ``export hf:``): a step of ``t`` tokens at position ``p`` is
+    refused, before anything runs, when ``p + t`` would pass the capacity."""
+
+    def __init__(self, spec: StreamingSpec) -> None:
+        self.capacity = int(spec.meta["max_context"])
+        self.state = str(spec.meta["position_state"])
+        self.tokens = spec.input(str(spec.meta.get("tokens_input", spec.inputs[0].name)))
+        self.time_axis = self.tokens.shape.index("time") if "time" in self.tokens.shape else None
+
+    @staticmethod
+    def of(spec: StreamingSpec) -> "ContextBound | None":
+        meta = spec.meta
+        if "max_context" not in meta or "position_state" not in meta:
+            return None
+        return ContextBound(spec)
+
+    def check(self, position: np.ndarray | int, feeds: Mapping[str, np.ndarray], where: str = "") -> int:
+        """The step's token count; ``ContextLengthError`` when a row would pass the capacity."""
+        t = int(feeds[self.tokens.name].shape[self.time_axis]) if self.time_axis is not None else 1
+        held = int(np.max(position)) if np.size(position) else 0
+        if held + t > self.capacity:
+            raise ContextLengthError(
+                f"{where}{held} tokens held + {t} new would pass the context capacity of {self.capacity} tokens "
+                f"(the file's --max-context); nothing ran, the stream is unchanged")
+        return t
+
+    def positions(self, states: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Per-row positions from restored states (a snapshot), checked against the capacity."""
+        pos = np.asarray(states[self.state], dtype=np.int64).reshape(-1).copy()
+        if pos.size and (pos.min() < 0 or pos.max() > self.capacity):
+            raise InputError(f"snapshot: state '{self.state}' holds position {int(pos.max())}, outside 0..{self.capacity}")
+        return pos

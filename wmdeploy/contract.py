@@ -93,6 +93,13 @@ class StateSpec:
 
     The shape is fixed apart from ``batch``; ``init`` is the scalar every element starts at (0 unless
     given). ``output`` defaults to ``<name>_out``.
+
+    ``inplace``: the graph writes this state into the memory it read it from (its output aliases its
+    input: ONNX Runtime's ``GroupQueryAttention`` with past and present sharing one buffer), and changes only
+    the rows the step covers. The runtime then binds one buffer as both input and output instead of two
+    ping-pong buffers, so a step costs what it writes, not the state's size. Only for states whose stale
+    contents are harmless after a rolled-back step: a KV cache, whose rows past the stream's restored
+    position are masked.
     """
 
     name: str
@@ -101,6 +108,7 @@ class StateSpec:
     init: float | int | bool = 0
     output: str = ""
     doc: str = ""
+    inplace: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -146,6 +154,8 @@ class StateSpec:
         }
         if self.doc:
             d["doc"] = self.doc
+        if self.inplace:
+            d["inplace"] = True
         return d
 
 
@@ -290,7 +300,11 @@ class StreamingSpec:
             outputs = [TensorSpec(t["name"], t["shape"], t["dtype"], t.get("doc", "")) for t in data.get("outputs", [])]
             states = []
             for s in data.get("states", []):
-                state = StateSpec(s["name"], s["shape"], s["dtype"], s.get("init", 0), s.get("output", ""), s.get("doc", ""))
+                inplace = s.get("inplace", False)
+                if not isinstance(inplace, bool):
+                    raise SpecError(f"state '{s['name']}': field 'inplace' is {inplace!r}; expected true or false")
+                state = StateSpec(s["name"], s["shape"], s["dtype"], s.get("init", 0), s.get("output", ""), s.get("doc", ""),
+                                  inplace)
                 if "batch_axis" in s and s["batch_axis"] != state.batch_axis:
                     raise SpecError(f"state '{state.name}': field 'batch_axis' is {s['batch_axis']} but the shape puts it at {state.batch_axis}")
                 states.append(state)
@@ -346,17 +360,10 @@ def spec_from_metadata(metadata: dict[str, str], source: str) -> StreamingSpec:
         raise ModelFileError(f"{source}: the '{METADATA_KEY}' metadata is invalid: {exc}") from None
 
 
-def read_spec(source: Any) -> StreamingSpec:
-    """The spec of an ONNX model: a path, an ``onnx.ModelProto`` or an ``onnxruntime.InferenceSession``.
-
-    Paths are read with ``onnx`` when it is installed (no weights loaded) and with ONNX Runtime otherwise,
-    so the edge install needs neither torch nor onnx.
-    """
-    if hasattr(source, "metadata_props"):
-        return spec_from_metadata({p.key: p.value for p in source.metadata_props}, "model")
-    if hasattr(source, "get_modelmeta"):
-        return spec_from_metadata(source.get_modelmeta().custom_metadata_map, "session")
-    path = Path(source)
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """Every ``metadata_props`` entry of an ONNX file (read with ``onnx`` when installed, without weights;
+    with ONNX Runtime otherwise, so the edge install needs neither torch nor onnx)."""
+    path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:
@@ -368,14 +375,23 @@ def read_spec(source: Any) -> StreamingSpec:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf raises several types
             raise ModelFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-        return spec_from_metadata({p.key: p.value for p in model.metadata_props}, str(path))
+        return {p.key: p.value for p in model.metadata_props}
     import onnxruntime as ort  # noqa: PLC0415
 
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelFileError(f"{path}: not a readable ONNX model ({exc})") from None
-    return spec_from_metadata(sess.get_modelmeta().custom_metadata_map, str(path))
+    return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+def read_spec(source: Any) -> StreamingSpec:
+    """The spec of an ONNX model: a path, an ``onnx.ModelProto`` or an ``onnxruntime.InferenceSession``."""
+    if hasattr(source, "metadata_props"):
+        return spec_from_metadata({p.key: p.value for p in source.metadata_props}, "model")
+    if hasattr(source, "get_modelmeta"):
+        return spec_from_metadata(source.get_modelmeta().custom_metadata_map, "session")
+    return spec_from_metadata(read_metadata(source), str(Path(source)))
 
 
 def parse_shape_arg(text: str) -> list[Dim]:

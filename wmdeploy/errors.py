@@ -34,6 +34,10 @@ class InputError(WmdeployError, ValueError):
     """A step was given inputs that do not match the spec (missing, unknown, dtype, rank, size, batch)."""
 
 
+class ContextLengthError(InputError):
+    """A step would take a stream past its model's context capacity (``meta.max_context``); nothing ran."""
+
+
 class SnapshotError(WmdeployError):
     """A snapshot is truncated, corrupted, or was taken from a model with another state layout."""
 

@@ -109,7 +109,7 @@ def _restore_graph_inputs(model: Any, spec: StreamingSpec, path: Path) -> None:
 
 
 def _torch_export(module: torch.nn.Module, spec: StreamingSpec, path: Path, opset: int, exporter: str,
-                  args: tuple[torch.Tensor, ...]) -> None:
+                  args: tuple[torch.Tensor, ...], custom_opsets: dict[str, int] | None = None) -> None:
     names_in = spec.graph_input_names
     names_out = spec.graph_output_names
     if exporter == "torchscript":
@@ -122,7 +122,8 @@ def _torch_export(module: torch.nn.Module, spec: StreamingSpec, path: Path, opse
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(path), dynamo=False, input_names=names_in, output_names=names_out,
-                              dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True)
+                              dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True,
+                              custom_opsets=custom_opsets)
     elif exporter == "dynamo":
         dims: dict[str, Any] = {}
 
@@ -146,8 +147,11 @@ def _torch_export(module: torch.nn.Module, spec: StreamingSpec, path: Path, opse
 
 def export(module: torch.nn.Module, path: str | Path, *, opset: int = 17, exporter: str = "torchscript",
            verify: bool = True, atol: float = 1e-4, rtol: float = 1e-3, chunks: Sequence[int] = (1, 7, 32),
-           batches: Sequence[int] = (1, 3)) -> ExportResult:
+           batches: Sequence[int] = (1, 3), custom_opsets: dict[str, int] | None = None) -> ExportResult:
     """Export ``module`` to ``path`` with its spec in the metadata; verify it unless ``verify=False``.
+
+    ``custom_opsets``: the domains of custom ops the module's symbolics emit (``{"com.microsoft": 1}``
+    for ONNX Runtime's contrib ops), passed to the TorchScript exporter.
 
     Raises ``ExportError`` when the module breaks its contract and ``VerificationError`` (carrying the
     report) when the file disagrees with the module beyond ``atol + rtol * max|reference|``.
@@ -179,7 +183,7 @@ def export(module: torch.nn.Module, path: str | Path, *, opset: int = 17, export
     args += tuple(torch.from_numpy(c.array()) for c in spec.constants)
     args += tuple(torch.from_numpy(states[s.name]) for s in spec.states)
     try:
-        _torch_export(module, spec, path, opset, exporter, args)
+        _torch_export(module, spec, path, opset, exporter, args, custom_opsets)
     except ExportError:
         raise
     except Exception as exc:

@@ -120,3 +120,15 @@ def loads(spec: StreamingSpec, blob: bytes | bytearray | memoryview) -> dict[str
 def meta(blob: bytes) -> dict[str, Any]:
     """The free-form ``meta`` of a (checksum-verified) snapshot, e.g. ``{"steps": 12}``."""
     return dict(read_header(blob)[0].get("meta") or {})
+
+
+def steps_of(blob: bytes) -> int:
+    """The step count in a (checksum-verified) snapshot's meta, checked before anything is allocated: a
+    re-checksummed snapshot can carry any JSON there, and failing after a pool slot was taken leaked it."""
+    try:
+        steps = meta(blob).get("steps", 0)
+    except (TypeError, ValueError, AttributeError):
+        raise SnapshotError("snapshot: its header's 'meta' is not an object") from None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise SnapshotError(f"snapshot: meta.steps {str(steps)[:20]!r}, expected a step count >= 0")
+    return steps

@@ -5,31 +5,27 @@ Torch-free: numpy + a backend from :mod:`wmdeploy.runtimes` (ONNX Runtime on CPU
 owns the state's *memory* (a :class:`~wmdeploy.runtimes.base.StateArena`) and advances it in place, so
 neither class ever looks inside a backend, and state reaches Python only for ``state`` and snapshots.
 
-Pool inputs carry a batch axis of size 1, exactly as ``Stream.step`` takes them for a one-stream
-``Stream``, so a stream can move between a ``Stream`` and a pool (via snapshots) with the same arrays.
+Pool inputs carry a batch axis of size 1, as ``Stream.step`` takes them for a one-stream ``Stream``.
 
 Chunks of different lengths in one pool step: the pool groups the stepping streams by the shapes of
-their inputs and makes one engine call per distinct shape. Padding to the longest chunk with a mask is
-not an option for a generic ONNX graph: it has no mask input, so the padded steps would run through the
-recurrence and change the state (an LSTM fed three pad frames is not the LSTM after the real frames).
-Grouping is exact for every model; its cost is one extra engine call per extra distinct length (measured
-in ``bench/bench_runtime.py``; with the usual batched-matmul costs, G groups of n/G streams cost about
-G calls of the per-call overhead more than one call of n streams). Within one call streams never mix:
-each output row and state slot belongs to exactly one stream.
+their inputs and makes one engine call per distinct shape, never padding (a generic graph has no mask
+input, so padded steps would run through the recurrence and change the state). The cost is one extra
+engine call per extra distinct length (``bench/bench_runtime.py``). Within one call streams never mix.
+
+Language models with a context bound (``meta.max_context``, ``export hf:``) carry each stream's position:
+a step that would pass the capacity is refused before any engine call (``ContextLengthError``).
 
 Memory follows the live streams: a pool's ``capacity`` is a limit (``None``: none), not an allocation.
 Its arena grows geometrically (x2) when a stream joins a full arena, and shrinks (to twice the live
 streams, rounded up to a power of two) once at most a quarter of its slots have been in use for
 ``shrink_after_s`` seconds: the factor-4 gap between the two thresholds is the hysteresis that keeps a
 join/leave at a boundary from reallocating, and the delay keeps a burst of leaves from giving back
-memory that the next burst of joins would take again. Growth copies the live states bit for bit and
-stream ids never change. ``reserve`` slots are allocated up front and never given back (a pre-sized pool:
-``reserve=capacity``).
+memory that the next burst of joins would take again. Growth copies the live states bit for bit; ids never
+change; ``reserve`` slots are allocated up front and never given back (``reserve=capacity``: pre-sized).
 
 A pool step is all-or-nothing: inputs are checked before any engine call, and when a step makes several
 engine calls (several chunk lengths) and a later one fails, the earlier groups' states are rolled back
 (the arena's ``checkpoint``; with ping-pong buffers the old state is still there, so it costs nothing).
-
 Not thread-safe: use one ``Stream``/``StreamPool`` per thread (the backend's session itself is shared).
 """
 from __future__ import annotations
@@ -43,7 +39,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import snapshot as _snap
-from ._inputs import check_inputs
+from ._inputs import ContextBound, check_inputs
 from .contract import StreamingSpec
 from .errors import BackendError, CapacityError, InputError, SnapshotError
 from .runtimes import create
@@ -66,18 +62,6 @@ def load(path: str | Path, backend: str = "auto", device: str = "cpu", *, spec: 
                "session_options": session_options, **backend_options}
     engine, why = create(Path(path), spec, backend, device, **options)
     return Model(engine, why)
-
-
-def _snapshot_steps(blob: bytes) -> int:
-    """The step count in a (checksum-verified) snapshot's meta, checked before anything is allocated: a
-    re-checksummed snapshot can carry any JSON there, and failing after a pool slot was taken leaked it."""
-    try:
-        steps = _snap.meta(blob).get("steps", 0)
-    except (TypeError, ValueError, AttributeError):
-        raise SnapshotError("snapshot: its header's 'meta' is not an object") from None
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise SnapshotError(f"snapshot: meta.steps {str(steps)[:20]!r}, expected a step count >= 0")
-    return steps
 
 
 def _is_sid(sid: object) -> bool:
@@ -144,7 +128,7 @@ class Stream:
         restored, steps = None, 0
         if snapshot is not None:
             restored = _snap.loads(self.spec, snapshot)  # every check before any allocation
-            steps = _snapshot_steps(snapshot)
+            steps = _snap.steps_of(snapshot)
             if self.spec.states:
                 first = self.spec.states[0]
                 batch = restored[first.name].shape[first.batch_axis]
@@ -152,6 +136,10 @@ class Stream:
             raise InputError(f"stream batch {batch}: expected at least 1")
         self.batch = batch
         self._slots = range(0, batch)
+        self._bound = ContextBound.of(self.spec)  # a language model's context capacity, if it has one
+        self._pos = np.zeros(batch, np.int64)
+        if restored is not None and self._bound is not None:
+            self._pos = self._bound.positions(restored)
         self._arena: StateArena = model.backend.arena(batch)
         self.steps = 0
         if restored is not None:
@@ -161,14 +149,22 @@ class Stream:
     def step(self, /, **inputs: Any) -> dict[str, np.ndarray]:  # /: an input may be called "self"
         """Feed one chunk; return the data outputs. The state advances only if the step succeeds."""
         feeds, _ = check_inputs(self.spec, inputs, self.batch)
+        t = self._bound.check(self._pos, feeds) if self._bound is not None else 0
         out = self.model.backend.run(self._arena, self._slots, feeds)
         self.steps += 1
+        self._pos += t
         return out
+
+    @property
+    def position(self) -> int:
+        """Tokens this stream holds (a language model with a context bound; 0 otherwise)."""
+        return int(self._pos.max())
 
     def reset(self) -> None:
         """Back to the initial state (a new conversation)."""
         self._arena.reset(self._slots)
         self.steps = 0
+        self._pos[:] = 0
 
     @property
     def state(self) -> Mapping[str, np.ndarray]:
@@ -223,6 +219,8 @@ class StreamPool:
         self._slot: dict[int, int] = {}  # sid -> slot
         self._sid_at: list[int] = []  # slot -> sid, packed
         self._steps: dict[int, int] = {}
+        self._bound = ContextBound.of(self.spec)
+        self._pos: dict[int, int] = {}  # sid -> tokens held (a language model with a context bound)
         self._ids = itertools.count()
         self._low_since: float | None = None  # when occupancy last fell to a quarter or less
         self.resizes = {"grow": 0, "shrink": 0}
@@ -302,7 +300,8 @@ class StreamPool:
             restored = _snap.loads(self.spec, snapshot)
             if any(v.shape != s.shape_for(1) for s in self.spec.states for v in [restored[s.name]]):
                 raise SnapshotError("snapshot: holds several streams; a pool member takes a one-stream snapshot")
-            steps = _snapshot_steps(snapshot)
+            steps = _snap.steps_of(snapshot)
+        position = int(self._bound.positions(restored)[0]) if restored is not None and self._bound else 0
         slot = len(self._sid_at)
         if slot >= self._arena.capacity:
             grown = max(2 * self._arena.capacity, slot + 1)
@@ -320,6 +319,7 @@ class StreamPool:
         self._slot[sid] = slot
         self._sid_at.append(sid)
         self._steps[sid] = steps
+        self._pos[sid] = position
         return sid
 
     open = join
@@ -335,13 +335,18 @@ class StreamPool:
             self._slot[moved] = slot
         self._sid_at.pop()
         del self._slot[sid]
-        del self._steps[sid]
+        del self._steps[sid], self._pos[sid]
         if len(self._sid_at) <= self._arena.capacity >> 2:
             self.trim()
 
     def reset(self, sid: int) -> None:
         self._arena.reset([self._slot_of(sid)])
-        self._steps[sid] = 0
+        self._steps[sid] = self._pos[sid] = 0
+
+    def position(self, sid: int) -> int:
+        """Tokens stream ``sid`` holds (a language model with a context bound; 0 otherwise)."""
+        self._slot_of(sid)  # the one error for an unknown stream
+        return self._pos[sid]
 
     def state(self, sid: int) -> Mapping[str, np.ndarray]:
         return _freeze(self._arena.read([self._slot_of(sid)]))
@@ -359,9 +364,12 @@ class StreamPool:
         succeeded are rolled back, so the step raises with every stream's state as it was.
         """
         groups: dict[tuple, list[tuple[int, int, dict[str, np.ndarray]]]] = {}
+        advance: dict[int, int] = {}
         for sid, inputs in requests.items():
             slot = self._slot_of(sid)
             feeds, _ = check_inputs(self.spec, inputs, 1, where=f"stream {sid}: ")
+            if self._bound is not None:  # refused before any engine call: the whole step, every stream as it was
+                advance[sid] = self._bound.check(self._pos[sid], feeds, f"stream {sid}: ")
             key = tuple(a.shape for a in feeds.values())
             groups.setdefault(key, []).append((slot, sid, feeds))
         arena, backend = self._arena, self.model.backend
@@ -401,6 +409,8 @@ class StreamPool:
             for i, (_, sid, _) in enumerate(members):
                 results[sid] = {name: rows[i] for name, rows in split.items()}
                 self._steps[sid] += 1
+        for sid, t in advance.items():
+            self._pos[sid] += t
         if self._low_since is not None:
             self.trim()
         return results

@@ -1,0 +1,67 @@
+"""Small random-init Hugging Face folders, built and ``save_pretrained`` by the tests themselves (offline).
+
+``save_folder(config, path)`` writes what a user's fine-tuned model folder holds: ``config.json``,
+``model.safetensors``, ``generation_config.json``, and (by default) a real byte-level BPE tokenizer
+trained here on a few sentences, with bos/eos and a ChatML chat template (``tokenizer.json``,
+``tokenizer_config.json``, ``chat_template.jinja``). Configs keep head sizes at multiples of 16 (what ONNX
+Runtime's CPU ``GroupQueryAttention`` kernel is built for) and vocabularies at :data:`VOCAB`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: model vocabulary of every test folder; the tokenizer uses the first ids of it
+VOCAB = 320
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CORPUS = [
+    "The working memory of a language model is its cache.",
+    "Streams at different positions step together in one call.",
+    "hello world, hello streaming runtime! café, naïve, 東京 and emoji 🙂",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation: ; , . ? ( ) [ ] { }",
+] * 20
+
+
+def build_tokenizer(vocab_size: int = 300) -> Any:
+    """A byte-level BPE tokenizer (every UTF-8 string encodes), wrapped as transformers' fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def save_folder(config: Any, path: Path, *, tokenizer: bool = True, seed: int = 0) -> Path:
+    """Build a random-init causal LM from ``config`` (float32), save it and a tokenizer into ``path``."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # random init with std 0.02 gives near-uniform logits; a wider spread makes greedy decoding meaningful
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(3.0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    if tokenizer:
+        tok = build_tokenizer()
+        tok.save_pretrained(str(path))
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        bos = tok.convert_tokens_to_ids("<|endoftext|>")
+        GenerationConfig(eos_token_id=eos, bos_token_id=bos, pad_token_id=bos).save_pretrained(str(path))
+    return path

@@ -1,0 +1,127 @@
+"""Hugging Face causal LMs: ``wmdeploy export hf:DIR`` — a ``save_pretrained`` folder to a streaming file.
+
+The model's working memory (its KV cache; conv and SSM/linear-attention states for SSMs and hybrids)
+becomes explicit states, with a per-stream ``position`` state so that streams at different positions step
+together. The folder's tokenizer, chat template and eos/bos ids travel in the file's metadata. The file is
+checked against transformers itself before export returns (:mod:`.check`).
+
+Modules: :mod:`.folder` (the folder, offline), :mod:`.layout` (the cache layout, read off transformers'
+own cache), :mod:`.attention` (attention at per-row positions: ``GroupQueryAttention`` or portable ONNX),
+:mod:`.cache` (the cache object the model is handed), :mod:`.recurrent` (conv/SSM state kernels),
+:mod:`.wrapper` (the contract module), :mod:`.check` (against transformers).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExportError, VerificationError
+
+FORMS = ("gqa", "portable")
+
+
+@dataclass
+class HFExportResult:
+    path: Path
+    spec: Any
+    report: Any | None  # an HFCheckReport when the check ran
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _max_context(found: Any, requested: int | None, notes: list[str]) -> int:
+    from .folder import DEFAULT_MAX_CONTEXT_CAP, context_limit  # noqa: PLC0415
+
+    limit = context_limit(found.config)
+    if requested is None:
+        value = min(limit or DEFAULT_MAX_CONTEXT_CAP, DEFAULT_MAX_CONTEXT_CAP)
+        notes.append(f"--max-context {value} (the config allows {limit or 'any length'}; the default is capped at "
+                     f"{DEFAULT_MAX_CONTEXT_CAP}: pass --max-context to change it)")
+        return value
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 2:
+        raise ExportError(f"--max-context {requested!r}: expected a token count of at least 2")
+    if limit is not None and requested > limit:
+        raise ExportError(f"--max-context {requested}: the model's config allows at most {limit} positions "
+                          "(max_position_embeddings)")
+    return requested
+
+
+def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None = None, attention: str = "gqa",
+              verify: bool = True, atol: float = 2e-3, opset: int = 17) -> HFExportResult:
+    """Export the causal LM saved in ``folder`` (a local ``save_pretrained`` folder) to ``path``.
+
+    ``attention``: ``gqa`` (ONNX Runtime's ``GroupQueryAttention``: the KV cache is written in place, a step
+    costs what its context costs) or ``portable`` (standard ONNX ops for OpenVINO and other engines; each
+    step copies the KV buffers). Raises ``ExportError`` for a folder or family that cannot be exported and
+    ``VerificationError`` (with the report) when the file disagrees with transformers.
+    """
+    started = time.perf_counter()
+    if attention not in FORMS:
+        raise ExportError(f"--attention {attention!r}: expected one of {list(FORMS)}")
+    from .folder import open_folder  # noqa: PLC0415
+
+    found = open_folder(folder)
+    notes: list[str] = []
+    capacity = _max_context(found, max_context, notes)
+
+    import torch  # noqa: PLC0415
+    import onnx  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    from ..exporter import export  # noqa: PLC0415
+    from . import attention as attn  # noqa: PLC0415
+    from .folder import CHAT_TEMPLATE_KEY, TOKENIZER_KEY, VERIFIED, build_model  # noqa: PLC0415
+    from .layout import POSITION_STATE, probe  # noqa: PLC0415
+    from .recurrent import prepare  # noqa: PLC0415
+    from .wrapper import StreamingCausalLM  # noqa: PLC0415
+
+    if found.family not in VERIFIED:
+        notes.append(f"model_type '{found.family}' is not among the verified families; the file is checked "
+                     "against transformers below all the same")
+    model = build_model(found)
+    torch.manual_seed(0)
+    layout = probe(model, capacity, found.family)
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    meta: dict[str, Any] = {
+        "tokens_input": "tokens", "logits_output": "logits", "vocab_size": vocab_size,
+        "vocab": found.vocab_meta, "max_context": capacity, "position_state": POSITION_STATE,
+        "hf": {"model_type": found.family, "architecture": found.architecture, "attention": attention,
+               "transformers": transformers.__version__},
+    }
+    forward_kwargs = prepare(model, found.family, layout)
+    attn.register()
+    model.config._attn_implementation = attn.IMPLEMENTATION
+    wrapper = StreamingCausalLM(model, layout, attention, meta, forward_kwargs).eval()
+    uses_gqa = attention == "gqa" and layout.has_attention
+    try:
+        with torch.no_grad():
+            result = export(wrapper, path, opset=opset, verify=False,
+                            custom_opsets={"com.microsoft": 1} if uses_gqa else None)
+    finally:
+        model.config._attn_implementation = "eager"
+    proto = onnx.load(str(result.path))
+    from ..contract import write_spec  # noqa: PLC0415
+
+    write_spec(proto, result.spec)
+    for key, value in ((TOKENIZER_KEY, found.tokenizer_json), (CHAT_TEMPLATE_KEY, found.chat_template)):
+        if value:
+            proto.metadata_props.add(key=key, value=value)
+    proto.producer_version += f", transformers {transformers.__version__}, hf:{found.family}"
+    onnx.save(proto, str(result.path))
+    out = HFExportResult(result.path, result.spec, None, notes)
+    if found.tokenizer_json is None:
+        notes.append("no tokenizer files in the folder: generate/chat take token ids only")
+    if verify:
+        from .check import check_file  # noqa: PLC0415
+
+        report = check_file(result.path, model, found.family, vocab_size=vocab_size, atol=atol)
+        out.report = report
+        if not report.ok:
+            raise VerificationError(f"{result.path}: exported file disagrees with transformers: {report.summary()}", report)
+    out.seconds = time.perf_counter() - started
+    return out
+
+
+__all__ = ["HFExportResult", "export_hf", "FORMS"]

@@ -1,0 +1,166 @@
+"""Attention over an explicit, per-stream KV cache: the function transformers' attention modules call.
+
+We register it with transformers' ``AttentionInterface`` under :data:`IMPLEMENTATION` and set the model's
+``_attn_implementation`` to it, so every family whose attention module goes through the interface (after its
+own projections, norms and RoPE) reaches us with the *new* keys and values of this chunk (the explicit cache
+returns them unchanged from ``update``). Each row of the batch sits at its own position: it writes its new
+K/V at ``position .. position + time - 1`` of its buffer and attends to ``[0, position + time)`` (or the
+family's sliding window of it).
+
+Two forms, one torch reference:
+
+* ``gqa`` (ONNX Runtime): one ``com.microsoft.GroupQueryAttention`` node per layer with per-row
+  ``seqlens_k``. Its past and present K/V are one buffer (the runtime binds the same memory as input and
+  output, ``past_present_share_buffer``), so a step writes only the new positions and attends only to each
+  row's live prefix: its cost follows the context, not the capacity.
+* ``portable`` (standard ONNX, for OpenVINO and other engines): ``ScatterElements`` of the new rows into a
+  copy of the buffer and a masked attention over the whole capacity. Correct everywhere; each step copies
+  and scans the capacity (measured in ``bench/bench_hf.py``).
+
+In eager torch (export's trace, checks) both compute the same thing with plain tensor ops.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+IMPLEMENTATION = "wmdeploy_kv"
+FORMS = ("gqa", "portable")
+
+
+@dataclass
+class StepContext:
+    """What the attention function needs besides the module's own tensors, for one forward call."""
+
+    form: str
+    position: torch.Tensor            # [batch] int64: tokens each row already holds
+    past: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (key buffer, value buffer) [b, kvh, cap, d]
+    present: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    seqlens_k: torch.Tensor | None = None   # [batch] int32: position + time - 1 (GQA)
+    total_length: torch.Tensor | None = None  # scalar int32: max(position + time) (GQA)
+    # recurrent layers (SSM / conv / linear attention): (layer, state index) -> held and next states
+    conv: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    conv_out: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    recurrent: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    recurrent_out: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+_local = threading.local()
+
+
+def set_context(ctx: StepContext | None) -> None:
+    _local.ctx = ctx
+
+
+def _context() -> StepContext:
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
+        raise RuntimeError("wmdeploy KV attention called outside an explicit-cache forward")
+    return ctx
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+              position: torch.Tensor, scale: float, window: int | None, softcap: float | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [b, h, t, d], k/v [b, kvh, t, d], buffers [b, kvh, cap, d] -> (out [b, t, h, d], new buffers)."""
+    b, h, t, d = q.shape
+    kvh, cap = k.shape[1], past_k.shape[2]
+    idx = position[:, None] + torch.arange(t, device=q.device)          # [b, t] absolute positions
+    gather = idx[:, None, :, None].expand(b, kvh, t, k.shape[-1])
+    full_k = past_k.scatter(2, gather, k)
+    full_v = past_v.scatter(2, idx[:, None, :, None].expand(b, kvh, t, v.shape[-1]), v)
+    qpos = idx[:, None, :, None]                                          # [b, 1, t, 1]
+    kpos = torch.arange(cap, device=q.device)[None, None, None, :]        # [1, 1, 1, cap]
+    allowed = kpos <= qpos
+    if window:
+        allowed = allowed & (kpos > qpos - window)
+    rep = h // kvh
+    keys = full_k.repeat_interleave(rep, dim=1) if rep > 1 else full_k
+    values = full_v.repeat_interleave(rep, dim=1) if rep > 1 else full_v
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, values)                                     # [b, h, t, d]
+    return out.transpose(1, 2).contiguous(), full_k, full_v
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """Eager: :func:`reference`. Exported (TorchScript): one ``com.microsoft.GroupQueryAttention``."""
+
+    @staticmethod
+    def forward(ctx: Any, q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, past_k: torch.Tensor,
+                past_v: torch.Tensor, seqlens_k: torch.Tensor, total_length: torch.Tensor, position: torch.Tensor,
+                num_heads: int, kv_heads: int, scale: float, window: int, softcap: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = q3.shape
+        d = past_k.shape[-1]
+        q = q3.view(b, t, num_heads, d).transpose(1, 2)
+        k = k3.view(b, t, kv_heads, d).transpose(1, 2)
+        v = v3.view(b, t, kv_heads, d).transpose(1, 2)
+        out, full_k, full_v = reference(q, k, v, past_k, past_v, position, scale, window or None, softcap or None)
+        return out.reshape(b, t, num_heads * d), full_k, full_v
+
+    @staticmethod
+    def symbolic(g: Any, q3: Any, k3: Any, v3: Any, past_k: Any, past_v: Any, seqlens_k: Any, total_length: Any,
+                 position: Any, num_heads: int, kv_heads: int, scale: float, window: int, softcap: float) -> Any:
+        attrs: dict[str, Any] = {"num_heads_i": num_heads, "kv_num_heads_i": kv_heads, "scale_f": scale}
+        if window:
+            # transformers' window W keeps W keys (the query's own included); GQA's local_window_size L keeps L + 1
+            attrs["local_window_size_i"] = window - 1
+        if softcap:
+            attrs["softcap_f"] = softcap
+        out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q3, k3, v3, past_k, past_v,
+                                         seqlens_k, total_length, outputs=3, **attrs)
+        out.setType(q3.type())
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        return out, present_k, present_v
+
+
+def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                 sliding_window: int | None = None, softcap: float | None = None, **kwargs: Any
+                 ) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature: q [b, h, t, d], k/v [b, kvh, t, d] (this chunk's only)."""
+    ctx = _context()
+    layer = int(module.layer_idx)
+    past_k, past_v = ctx.past[layer]
+    b, h, t, d = query.shape
+    kvh = key.shape[1]
+    # Under tracing, sizes are traced values; heads and head size are constants of the model (attributes of
+    # the exported node), the batch and time sizes stay dynamic.
+    h, kvh, d = int(h), int(kvh), int(d)
+    if key.shape[-1] != d or value.shape[-1] != d:
+        raise NotImplementedError(f"layer {layer}: value head size {value.shape[-1]} differs from the query's {d}")
+    scale = float(scaling) if scaling is not None else d ** -0.5
+    window = int(sliding_window) if sliding_window else 0
+    cap = float(softcap) if softcap else 0.0
+    if ctx.form == "gqa":
+        q3 = query.transpose(1, 2).reshape(b, t, h * d)
+        k3 = key.transpose(1, 2).reshape(b, t, kvh * d)
+        v3 = value.transpose(1, 2).reshape(b, t, kvh * d)
+        out3, new_k, new_v = _GroupQueryAttention.apply(q3, k3, v3, past_k, past_v, ctx.seqlens_k, ctx.total_length,
+                                                        ctx.position, h, kvh, scale, window, cap)
+        out = out3.view(b, t, h, d)
+    else:
+        out, new_k, new_v = reference(query, key, value, past_k, past_v, ctx.position, scale, window or None, cap or None)
+    ctx.present[layer] = (new_k, new_v)
+    return out, None
+
+
+def register() -> None:
+    """Make :data:`IMPLEMENTATION` a valid ``attn_implementation`` (idempotent)."""
+    from transformers import AttentionInterface  # noqa: PLC0415
+
+    AttentionInterface.register(IMPLEMENTATION, kv_attention)
+    try:  # the mask interface is keyed by the same name; our attention builds its own masks from positions
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: PLC0415
+
+        AttentionMaskInterface.register(IMPLEMENTATION, lambda *a, **k: None)
+    except ImportError:  # pragma: no cover - older transformers
+        pass
