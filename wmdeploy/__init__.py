@@ -17,6 +17,7 @@ from .contract import BATCH, ConstantSpec, StateSpec, StreamingSpec, TensorSpec,
 from .errors import (
     BackendError,
     CapacityError,
+    ContextLengthError,
     ExportError,
     InputError,
     ModelFileError,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, tuple[str, str]] = {
     "export": ("wmdeploy.exporter", "export"),
     "export_module": ("wmdeploy.exporter", "export_module"),
+    "export_hf": ("wmdeploy.hf", "export_hf"),
     "ExportResult": ("wmdeploy.exporter", "ExportResult"),
     "load_module": ("wmdeploy.torch_module", "load_module"),
     "verify": ("wmdeploy.verifier", "verify"),
@@ -57,6 +59,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ im
     from .annotation import annotate
     from .chat import chat
     from .exporter import ExportResult, export, export_module
+    from .hf import export_hf
     from .generation import Generation, generate
     from .inspect import inspect_model
     from .profiling.runner import profile
@@ -85,6 +88,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BATCH", "ConstantSpec", "StateSpec", "StreamingSpec", "TensorSpec", "read_spec", "write_spec",
-    "BackendError", "CapacityError", "ExportError", "InputError", "ModelFileError", "SnapshotError",
+    "BackendError", "CapacityError", "ContextLengthError", "ExportError", "InputError", "ModelFileError", "SnapshotError",
     "SpecError", "VerificationError", "WmdeployError", *_LAZY,
 ]

@@ -116,7 +116,9 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
     spec: StreamingSpec | None = None
     if METADATA_KEY in metadata:
         spec = spec_from_metadata(metadata, str(path))
-    info["metadata"] = {k: v for k, v in metadata.items() if k not in (METADATA_KEY, "wmdeploy.lineage")}
+    # what travels beside the spec (a tokenizer.json, a chat template) is summarised, not dumped
+    info["metadata"] = {k: (v if len(v) <= 200 else f"<{len(v)} bytes>") for k, v in metadata.items()
+                        if k not in (METADATA_KEY, "wmdeploy.lineage")}
     try:  # what optimize/quantize did to this file (wmdeploy.lineage), oldest first
         info["lineage"] = json.loads(metadata.get("wmdeploy.lineage", "[]"))
     except json.JSONDecodeError:
@@ -134,6 +136,10 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         info["batching"] = (f"fixed at {spec.max_batch} by the graph (meta.max_batch): a StreamPool and `serve` step at "
                             f"most {spec.max_batch} stream(s) per engine call; `triton` cannot batch its sequences"
                             if spec.max_batch is not None else None)
+        # a language model's context bound (export hf:): what each stream can hold, what the KV part costs
+        info["context"] = ({"max_context": spec.meta["max_context"], "position_state": spec.meta.get("position_state"),
+                            "in_place_bytes_per_stream": sum(st.bytes_per_stream for st in spec.states if st.inplace)}
+                           if "max_context" in spec.meta else None)
     return info
 
 
@@ -182,12 +188,17 @@ def render(info: dict[str, Any]) -> Any:
         io.add_row("output", t["name"], t["dtype"], str(t["shape"]))
     parts.append(io)
     st = Table(title=f"state pairs ({_human_bytes(info['state_bytes_per_stream'])} per stream)")
-    for col in ("input", "output", "dtype", "shape", "batch axis", "initial", "bytes/stream"):
+    for col in ("input", "output", "dtype", "shape", "batch axis", "initial", "bytes/stream", "update"):
         st.add_column(col, justify="right" if col in ("batch axis", "bytes/stream") else "left")
     for s in info["states"]:
         st.add_row(s["name"], s["output"], s["dtype"], str(s["shape"]), str(s["batch_axis"]), str(s["init"]),
-                   str(s["bytes_per_stream"]))
+                   str(s["bytes_per_stream"]), "in place" if s.get("inplace") else "ping-pong")
     parts.append(st)
+    if info.get("context"):
+        c = info["context"]
+        parts.append(Text(f"context: at most {c['max_context']} tokens per stream (position in state "
+                          f"'{c['position_state']}'; a step past it is refused); "
+                          f"{_human_bytes(c['in_place_bytes_per_stream'])} per stream written in place"))
     if info.get("batching"):
         parts.append(Text(f"batching: {info['batching']}", style="yellow"))
     bounds = [f"'{t['name']}' in [0, {t['index_bound']})" for t in info["inputs"] if t.get("index_bound")]

@@ -11,13 +11,14 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .contract import StreamingSpec
+from .contract import BATCH, ONNX_TYPE_CODES, StreamingSpec
 from .errors import ExportError
 
 
@@ -258,3 +259,139 @@ def run_module(module: torch.nn.Module, spec: StreamingSpec, inputs: dict[str, n
             raise ExportError(f"{name}.forward: next state '{s.output}' is {arr.dtype}, the spec says {s.dtype}")
         nxt[s.name] = arr
     return outs, nxt
+
+
+# ---- torch -> ONNX (export and export hf: share it) ------------------------------------------------
+
+def check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ExportError(f"output {path}: is a directory, expected a file path ending in .onnx")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ExportError(f"output {path}: cannot create folder {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ExportError(f"output {path}: not writable")
+
+
+def _set_declared_shapes(model: Any, spec: StreamingSpec) -> None:
+    """Rewrite the graph's declared input/output shapes and types from the spec."""
+    declared: dict[str, tuple[tuple[Any, ...], str]] = {}
+    for t in (*spec.inputs, *spec.outputs):
+        declared[t.name] = (t.shape, t.dtype)
+    for s in spec.states:
+        declared[s.name] = (s.shape, s.dtype)
+        declared[s.output] = (s.shape, s.dtype)
+    for c in spec.constants:
+        declared[c.name] = (tuple(c.array().shape), c.dtype)
+    for value in (*model.graph.input, *model.graph.output):
+        if value.name not in declared:
+            continue
+        shape, _dtype = declared[value.name]
+        tensor_type = value.type.tensor_type
+        del tensor_type.shape.dim[:]
+        for d in shape:
+            dim = tensor_type.shape.dim.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            else:
+                dim.dim_param = d
+
+
+def _restore_graph_inputs(model: Any, spec: StreamingSpec, path: Path) -> None:
+    """Put back inputs the exporter dropped because forward never reads them, in spec order.
+
+    A state that is only written (overwritten every call) is legitimate, and the runtime feeds every
+    declared input, so the file must accept it; ONNX allows a graph input that no node reads.
+    """
+    import onnx  # noqa: PLC0415
+
+    present = {v.name: v for v in model.graph.input}
+    dtypes = {t.name: t.dtype for t in spec.inputs} | {c.name: c.dtype for c in spec.constants}
+    dtypes |= {s.name: s.dtype for s in spec.states}
+    ordered = []
+    for name in spec.graph_input_names:
+        value = present.pop(name, None)
+        if value is None:
+            value = onnx.helper.make_tensor_value_info(name, ONNX_TYPE_CODES[dtypes[name]], None)
+        ordered.append(value)
+    ordered += list(present.values())  # initializers listed as inputs by old exporters
+    del model.graph.input[:]
+    model.graph.input.extend(ordered)
+    outputs = [v.name for v in model.graph.output]
+    if outputs != spec.graph_output_names:
+        raise ExportError(f"export of {path}: graph outputs are {outputs}, expected {spec.graph_output_names}")
+
+
+def _torch_export(module: torch.nn.Module, spec: StreamingSpec, path: Path, opset: int, exporter: str,
+                  args: tuple[torch.Tensor, ...], custom_opsets: dict[str, int] | None = None) -> None:
+    names_in = spec.graph_input_names
+    names_out = spec.graph_output_names
+    if exporter == "torchscript":
+        dynamic_axes: dict[str, dict[int, str]] = {}
+        for t in (*spec.inputs, *spec.outputs):
+            dynamic_axes[t.name] = t.dynamic_axes
+        for s in spec.states:
+            dynamic_axes[s.name] = {s.batch_axis: BATCH}
+            dynamic_axes[s.output] = {s.batch_axis: BATCH}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=names_in, output_names=names_out,
+                              dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True,
+                              custom_opsets=custom_opsets)
+    elif exporter == "dynamo":
+        dims: dict[str, Any] = {}
+
+        def dim(name: str) -> Any:
+            if name not in dims:
+                max_chunk = spec.meta.get("max_chunk") if name == str(spec.meta.get("time_axis", "time")) else None
+                dims[name] = torch.export.Dim(name, min=1, max=int(max_chunk)) if max_chunk else torch.export.Dim(name)
+            return dims[name]
+
+        shapes: list[dict[int, Any] | None] = [{a: dim(n) for a, n in t.dynamic_axes.items()} for t in spec.inputs]
+        shapes += [None for _ in spec.constants]
+        shapes += [{s.batch_axis: dim(BATCH)} for s in spec.states]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamo=True, input_names=names_in, output_names=names_out,
+                                        dynamic_shapes=tuple(shapes), opset_version=opset, verbose=False)
+            program.save(str(path))
+    else:
+        raise ExportError(f"exporter '{exporter}': expected 'torchscript' or 'dynamo'")
+
+
+def export_graph(module: torch.nn.Module, spec: StreamingSpec, path: Path, args: tuple[torch.Tensor, ...], *,
+                 opset: int = 17, exporter: str = "torchscript", custom_opsets: dict[str, int] | None = None
+                 ) -> StreamingSpec:
+    """Trace ``module`` on ``args`` into ``path``: tensors named from the spec, named axes dynamic, declared
+    shapes rewritten from the spec, token bounds inferred, the spec written into the metadata. Returns the
+    spec as written (with its index bounds). The caller verifies."""
+    import onnx  # noqa: PLC0415
+
+    from . import __version__  # noqa: PLC0415
+    from .contract import write_spec  # noqa: PLC0415
+    from .index_bounds import with_index_bounds  # noqa: PLC0415
+
+    try:
+        _torch_export(module, spec, path, opset, exporter, args, custom_opsets)
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"torch.onnx.export ({exporter}) of {type(module).__name__} failed: {type(exc).__name__}: {first}") from None
+    model = onnx.load(str(path))
+    _restore_graph_inputs(model, spec, path)
+    _set_declared_shapes(model, spec)
+    # Token inputs that index an embedding table get its row count as their bound (a user's own model
+    # rarely declares meta.vocab_size, and Gather wraps -1 silently): see index_bounds.
+    spec = with_index_bounds(spec, model)
+    write_spec(model, spec)
+    # the version is wmdeploy's (torch.onnx leaves its own there, which read as a wmdeploy version)
+    model.producer_name, model.producer_version = "wmdeploy", f"{__version__} (torch {torch.__version__}, {exporter})"
+    try:
+        onnx.save(model, str(path))
+    except OSError as exc:
+        raise ExportError(f"output {path}: cannot write: {exc.strerror}") from None
+    return spec

@@ -14,10 +14,12 @@ from .app import _parse_chunks, app, check_output, cli_errors, console, err_cons
 
 
 @app.command(epilog="Example: wmdeploy export wmdeploy.models.lstm_lm:LSTMLanguageModel -o out/lm.onnx "
-                    "--checkpoint models/checkpoints/lstm_lm.pt")
+                    "--checkpoint models/checkpoints/lstm_lm.pt; a Hugging Face folder: wmdeploy export hf:my-qwen3 "
+                    "-o qwen3.onnx --max-context 1024")
 @cli_errors
 def export(
-    target: str = typer.Argument(..., metavar="SPEC", help="path/to/file.py:Name or package.module:Name (a class or a factory)"),
+    target: str = typer.Argument(..., metavar="SPEC", help="path/to/file.py:Name or package.module:Name (a class or a "
+                                 "factory), or hf:DIR (a local save_pretrained folder of a causal LM)"),
     output: Path = typer.Option(..., "-o", "--output", help="the ONNX file to write"),
     config: Optional[str] = typer.Option(None, "--config", help="JSON object of constructor arguments"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="trained weights (a state_dict or a dict holding one)"),
@@ -25,18 +27,26 @@ def export(
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (default; keeps RNN time axes dynamic) or dynamo"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="verify the file against the module after export"),
     chunks: str = typer.Option("1,7,32", "--chunks", help="chunk lengths streamed during verification"),
-    atol: float = typer.Option(1e-4, "--atol"),
+    atol: Optional[float] = typer.Option(None, "--atol", help="absolute bound (default 1e-4; hf: 2e-3 on logits)"),
     rtol: float = typer.Option(1e-3, "--rtol"),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="hf: tokens each stream can hold (the KV "
+                                              "capacity; default from the config, capped at 2048)"),
+    attention: str = typer.Option("gqa", "--attention", help="hf: gqa (ONNX Runtime GroupQueryAttention, KV cache "
+                                  "written in place) or portable (standard ONNX, for OpenVINO and other engines)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the verification report as JSON"),
 ) -> None:
-    """Export a PyTorch streaming model to ONNX with its state as inputs/outputs, then verify it."""
+    """Export a PyTorch streaming model (or a Hugging Face causal LM, hf:DIR) to ONNX with its state as
+    inputs/outputs, then verify it."""
+    check_output("--json", json_out)
+    if target.startswith("hf:"):
+        return _export_hf(target[3:], output, max_context, attention, verify, 2e-3 if atol is None else atol, opset,
+                          json_out)
     from ..exporter import export_module  # noqa: PLC0415  (torch only for this command)
 
     chunk_list = _parse_chunks(chunks, "--chunks")
-    check_output("--json", json_out)
     with console.status(escape(f"exporting {target} to {output} and verifying ...")):
         result = export_module(target, output, config=config, checkpoint=checkpoint, opset=opset, exporter=exporter,
-                               verify=verify, atol=atol, rtol=rtol, chunks=chunk_list)
+                               verify=verify, atol=1e-4 if atol is None else atol, rtol=rtol, chunks=chunk_list)
     if result.report is not None:
         console.print(result.report.table())
         if json_out:
@@ -45,6 +55,28 @@ def export(
     console.print(soft_wrap=True, markup=False, *[f"wrote {output} ({size / 1e6:.2f} MB, {len(result.spec.states)} state pairs, "
                   f"{result.spec.state_bytes_per_stream} state bytes per stream)"
                   + (f"; verified: {result.report.summary()}" if result.report is not None else "; not verified")])
+
+
+def _export_hf(folder: str, output: Path, max_context: Optional[int], attention: str, verify: bool, atol: float,
+               opset: int, json_out: Optional[Path]) -> None:
+    from ..hf import export_hf  # noqa: PLC0415  (torch + transformers only for this command)
+
+    with console.status(escape(f"exporting hf:{folder} to {output} and checking it against transformers ...")):
+        result = export_hf(folder, output, max_context=max_context, attention=attention, verify=verify, atol=atol,
+                           opset=opset)
+    for note in result.notes:
+        console.print(f"note: {note}", soft_wrap=True, markup=False)
+    if result.report is not None and json_out:
+        write_output("--json", json_out, lambda p: p.write_text(json.dumps(result.report.to_dict(), indent=2)))
+    spec = result.spec
+    kv = sum(s.bytes_per_stream for s in spec.states if s.inplace or s.name.startswith("past_key_values."))
+    size = output.stat().st_size
+    console.print(soft_wrap=True, markup=False, *[
+        f"wrote {output} ({size / 1e6:.2f} MB, {spec.meta['hf']['model_type']}, {len(spec.states)} states, "
+        f"max context {spec.meta['max_context']} tokens, {spec.state_bytes_per_stream / 1e6:.2f} MB of state per "
+        f"stream of which {kv / 1e6:.2f} MB KV cache, attention {spec.meta['hf']['attention']}, "
+        f"{result.seconds:.1f} s)" + (f"; verified: {result.report.summary()}" if result.report is not None
+                                      else "; not verified")])
 
 
 @app.command(name="verify", epilog="Example: wmdeploy verify out/lm.onnx --reference wmdeploy.models.lstm_lm:LSTMLanguageModel "

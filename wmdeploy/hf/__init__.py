@@ -70,7 +70,7 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     import onnx  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
-    from ..exporter import export  # noqa: PLC0415
+    from ..torch_module import check_writable, export_graph  # noqa: PLC0415
     from . import attention as attn  # noqa: PLC0415
     from .folder import CHAT_TEMPLATE_KEY, TOKENIZER_KEY, VERIFIED, build_model  # noqa: PLC0415
     from .layout import POSITION_STATE, probe  # noqa: PLC0415
@@ -95,31 +95,33 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     model.config._attn_implementation = attn.IMPLEMENTATION
     wrapper = StreamingCausalLM(model, layout, attention, meta, forward_kwargs).eval()
     uses_gqa = attention == "gqa" and layout.has_attention
+    path = Path(path)
+    check_writable(path)
+    spec = wrapper.streaming_spec()
+    # traced at batch 2 and time 3 (never a size-1 axis the exporter would specialise), from position 0
+    args = (torch.randint(0, vocab_size, (2, 3)), *(torch.from_numpy(a) for a in spec.initial_states(2).values()))
     try:
         with torch.no_grad():
-            result = export(wrapper, path, opset=opset, verify=False,
-                            custom_opsets={"com.microsoft": 1} if uses_gqa else None)
+            spec = export_graph(wrapper, spec, path, args, opset=opset,
+                                custom_opsets={"com.microsoft": 1} if uses_gqa else None)
     finally:
         model.config._attn_implementation = "eager"
-    proto = onnx.load(str(result.path))
-    from ..contract import write_spec  # noqa: PLC0415
-
-    write_spec(proto, result.spec)
+    proto = onnx.load(str(path))
     for key, value in ((TOKENIZER_KEY, found.tokenizer_json), (CHAT_TEMPLATE_KEY, found.chat_template)):
         if value:
             proto.metadata_props.add(key=key, value=value)
     proto.producer_version += f", transformers {transformers.__version__}, hf:{found.family}"
-    onnx.save(proto, str(result.path))
-    out = HFExportResult(result.path, result.spec, None, notes)
+    onnx.save(proto, str(path))
+    out = HFExportResult(path, spec, None, notes)
     if found.tokenizer_json is None:
         notes.append("no tokenizer files in the folder: generate/chat take token ids only")
     if verify:
         from .check import check_file  # noqa: PLC0415
 
-        report = check_file(result.path, model, found.family, vocab_size=vocab_size, atol=atol)
+        report = check_file(path, model, found.family, vocab_size=vocab_size, atol=atol)
         out.report = report
         if not report.ok:
-            raise VerificationError(f"{result.path}: exported file disagrees with transformers: {report.summary()}", report)
+            raise VerificationError(f"{path}: exported file disagrees with transformers: {report.summary()}", report)
     out.seconds = time.perf_counter() - started
     return out
 
