@@ -270,6 +270,11 @@ class OrtCudaBackend(OrtBackend):
     def arena(self, capacity: int) -> OrtDeviceArena:
         if capacity < 1:
             raise BackendError(f"arena capacity {capacity}: expected at least 1")
+        inplace = [s.name for s in self.spec.states if s.inplace]
+        if inplace:  # GQA's past/present must alias; this arena ping-pongs (no GPU was at hand to prove aliasing)
+            raise BackendError(f"{self.path}: states {inplace[:2]}{'...' if len(inplace) > 2 else ''} are updated in "
+                               "place (a KV cache under GroupQueryAttention) and the CUDA arena does not alias buffers "
+                               "yet; run it on the CPU, or export with --attention portable")
         return OrtDeviceArena(self, capacity)
 
     # ---- one step -------------------------------------------------------------------------------------

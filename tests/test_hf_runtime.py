@@ -3,6 +3,7 @@ written in place, snapshots, and the export's refusals — on a tiny Qwen3 folde
 from __future__ import annotations
 
 import json
+from typing import Any
 import numpy as np
 import pytest
 
@@ -216,3 +217,56 @@ def test_the_cli_exports_and_says_what_it_wrote(folder, tmp_path):
     assert "max context 16 tokens" in res.output and "verified: qwen3" in res.output
     res = CliRunner().invoke(app, ["export", f"hf:{tmp_path}", "-o", str(out)])
     assert res.exit_code == 2 and "no config.json" in res.output
+
+
+def test_multi_token_steps_of_streams_with_a_past_are_exact(exported, reference):
+    """ORT's GroupQueryAttention refuses several rows of several tokens with a past: the pool and a
+    lock-step Stream split such steps into one row per call (meta.prefill_batch = fresh); fresh rows batch."""
+    ids, ref = reference
+    model = wmdeploy.load(exported.path)
+    assert exported.spec.meta["prefill_batch"] == "fresh"
+    pool = model.pool()
+    a, b, c = pool.join(), pool.join(), pool.join()
+    pool.step({a: _tok(ids[0, :4])})
+    pool.step({b: _tok(ids[1, :2])})
+    outs = pool.step({a: _tok(ids[0, 4:7]), b: _tok(ids[1, 2:5]), c: _tok(ids[2, :3])})
+    for sid, row, lo in ((a, 0, 4), (b, 1, 2), (c, 2, 0)):
+        np.testing.assert_allclose(outs[sid]["logits"][0], ref[row, lo:lo + 3], atol=2e-3, rtol=0)
+    s = model.stream(batch=2)
+    s.step(tokens=np.ascontiguousarray(ids[:2, :5]))
+    out = s.step(tokens=np.ascontiguousarray(ids[:2, 5:9]))["logits"]
+    np.testing.assert_allclose(out, ref[:2, 5:9], atol=2e-3, rtol=0)
+    assert s.position == 9
+
+
+def test_the_server_refuses_a_step_past_the_context_with_a_400_and_keeps_serving(exported, reference):
+    pytest.importorskip("fastapi")
+    import concurrent.futures  # noqa: PLC0415
+
+    from wmdeploy.serve import ServeConfig  # noqa: PLC0415
+
+    from ._serve_server import ThreadServer  # noqa: PLC0415
+
+    ids, ref = reference
+    srv = ThreadServer(ServeConfig(exported.path, name="lm", batch_window_ms=30), wmdeploy.load(exported.path))
+    try:
+        with srv.client() as c:
+            for sid in ("full", "ok"):
+                assert c.post("/v1/sessions", json={"id": sid}).status_code == 201
+            assert c.post("/v1/sessions/full/step", json={"inputs": {"tokens": ids[0:1, :CAPACITY].tolist()}}).status_code == 200
+
+            def step(sid: str, tokens: np.ndarray) -> Any:
+                with srv.client() as own:
+                    return own.post(f"/v1/sessions/{sid}/step", json={"inputs": {"tokens": tokens.tolist()}})
+
+            with concurrent.futures.ThreadPoolExecutor(2) as ex:  # both land in one batch window
+                over = ex.submit(step, "full", ids[0:1, :1])
+                fine = ex.submit(step, "ok", ids[1:2, :3])
+                over, fine = over.result(), fine.result()
+            assert over.status_code == 400 and "would pass the context capacity of 32" in over.text
+            assert "'full'" in over.text
+            assert fine.status_code == 200
+            np.testing.assert_allclose(np.array(fine.json()["outputs"]["logits"])[0], ref[1, :3], atol=2e-3, rtol=0)
+            assert c.get("/v1/sessions/full").json()["steps"] == 1  # unchanged
+    finally:
+        srv.stop()

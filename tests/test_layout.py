@@ -138,13 +138,15 @@ def test_wings_import_only_downwards():
                                                                                    "wmdeploy.serve"))]
     for m in runtime_path:
         bad = {t for t in graph[m] if t.startswith(("wmdeploy.transform", "wmdeploy.profiling", "wmdeploy.cli",
-                                                   "wmdeploy.exporter", "wmdeploy.torch_module"))}
+                                                   "wmdeploy.exporter", "wmdeploy.torch_module", "wmdeploy.hf"))}
         assert not bad, f"{m} imports {bad}"
     for m, targets in graph.items():
         if not m.startswith(("wmdeploy.cli", "wmdeploy.__main__")):
             assert not {t for t in targets if t.startswith("wmdeploy.cli")}, m
-        if m.startswith(("wmdeploy.transform", "wmdeploy.profiling")):
+        if m.startswith(("wmdeploy.transform", "wmdeploy.profiling", "wmdeploy.hf")):
             assert not {t for t in targets if t.startswith("wmdeploy.serve")}, m
+        if m.startswith("wmdeploy.text"):  # the tokenizer side of the runtime: torch-free, never the export wing
+            assert not {t for t in targets if t.startswith(("wmdeploy.hf", "wmdeploy.exporter", "wmdeploy.torch_module"))}, m
 
 
 @pytest.mark.parametrize("name", ["export", "verify", "optimize", "quantize", "profile", "annotate", "load",

@@ -157,6 +157,19 @@ def engine_blame(spec: StreamingSpec, exc: BaseException) -> str | None:
     return ", ".join(f"input '{n}'" for n in named) or "its inputs"
 
 
+def rows_of(arr: np.ndarray, axis: int, n: int) -> list[np.ndarray]:
+    """Split ``arr`` into ``n`` views of size 1 along ``axis`` (no copies)."""
+    if axis == 0:
+        return [arr[i:i + 1] for i in range(n)]
+    lead = (slice(None),) * axis
+    return [arr[lead + (slice(i, i + 1),)] for i in range(n)]
+
+
+def as_count(value: Any) -> Any:
+    """A numpy integer as a plain int (``np.int64(4)`` is a fine pool size); anything else unchanged."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
 class ContextBound:
     """The context capacity of a language model whose streams carry their own position (``meta.max_context``
     and ``meta.position_state``, written by ``export hf:``): a step of ``t`` tokens at position ``p`` is
@@ -167,6 +180,9 @@ class ContextBound:
         self.state = str(spec.meta["position_state"])
         self.tokens = spec.input(str(spec.meta.get("tokens_input", spec.inputs[0].name)))
         self.time_axis = self.tokens.shape.index("time") if "time" in self.tokens.shape else None
+        # ONNX Runtime's GroupQueryAttention takes several rows of more than one token each only when no row
+        # has a past ("batch_size must be 1 when sequence_length > 1 and past context is given")
+        self.fresh_rows_only = spec.meta.get("prefill_batch") == "fresh"
 
     @staticmethod
     def of(spec: StreamingSpec) -> "ContextBound | None":
@@ -191,3 +207,38 @@ class ContextBound:
         if pos.size and (pos.min() < 0 or pos.max() > self.capacity):
             raise InputError(f"snapshot: state '{self.state}' holds position {int(pos.max())}, outside 0..{self.capacity}")
         return pos
+
+    def one_row_per_chunk(self, positions: np.ndarray) -> bool:
+        """Whether a multi-token step of these rows must go one row per engine call."""
+        return self.fresh_rows_only and bool(np.any(positions > 0))
+
+    def split(self, groups: dict[Any, list[Any]], positions: Mapping[int, int]) -> dict[Any, list[Any]]:
+        """Pool groups (key -> [(slot, sid, feeds)]) with multi-token members that have a past one per call;
+        members at position 0 stay batched."""
+        if not self.fresh_rows_only:
+            return groups
+        out: dict[Any, list[Any]] = {}
+        for key, members in groups.items():
+            if self.time_axis is None or members[0][2][self.tokens.name].shape[self.time_axis] <= 1:
+                out[key] = members
+                continue
+            fresh = [m for m in members if positions[m[1]] == 0]
+            if fresh:
+                out[(key, "fresh")] = fresh
+            out.update({(key, m[1]): [m] for m in members if positions[m[1]] != 0})
+        return out
+
+    def run_rows(self, backend: Any, arena: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A lock-step batch's multi-token step, one row per engine call, all-or-nothing (the arena's undo)."""
+        n = next(iter(feeds.values())).shape[self.tokens.batch_axis]
+        token = arena.checkpoint(range(0, n))
+        outs = []
+        try:
+            for i in range(n):
+                outs.append(backend.run(arena, range(i, i + 1), {k: np.take(v, [i], axis=self.tokens.batch_axis)
+                                                                for k, v in feeds.items()}))
+        except BaseException:
+            arena.rollback(token)
+            raise
+        arena.commit(token)
+        return {k: np.concatenate([o[k] for o in outs], axis=0) for k in outs[0]}

@@ -3,31 +3,51 @@
 The whole conversation lives in the stream's state: each call appends to it, nothing is ever re-fed.
 The model file says everything needed (no side files): its spec ``meta`` names the token input
 (``tokens_input``), the logits output (``logits_output``) and the vocabulary (``vocab``: ``bytes``, or
-``chars`` with the characters in id order). Torch-free: numpy + the streaming runtime.
+``chars`` with the characters in id order, or ``hf``: the Hugging Face tokenizer the file carries in its
+metadata, see :mod:`wmdeploy.text`). Torch-free: numpy + the streaming runtime (+ ``tokenizers``/``jinja2``
+for ``hf`` files). Generation stops at the model's eos token ids (``finish_reason`` "stop"), at a ``stop``
+string ("stop"), or after ``max_tokens`` or at the file's context capacity ("length").
 """
 from __future__ import annotations
 
 import codecs
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .contract import StreamingSpec
-from .errors import InputError, SpecError
+from .errors import ContextLengthError, InputError, SpecError
 
 #: Prompt chunk length for prefill when the model sets no ``max_chunk``.
 PREFILL_CHUNK = 64
+#: ... for a file with a context capacity (``export hf:``; a KV cache prefills long chunks well), bounded by
+#: the context the stream has left
+BOUNDED_PREFILL_CHUNK = 512
 
 
 class Tokenizer:
-    """Byte or character vocabulary, as declared in the model's metadata."""
+    """Byte or character vocabulary, as declared in the model's metadata; or (kind ``hf``) the Hugging Face
+    tokenizer the file carries (``metadata``: the file's ``metadata_props``, ``backend.file_metadata()``)."""
 
-    def __init__(self, vocab: dict[str, Any], vocab_size: int):
+    def __init__(self, vocab: dict[str, Any], vocab_size: int, metadata: Mapping[str, str] | None = None,
+                 source: str = "model"):
         self.kind = vocab.get("kind")
         self.vocab_size = vocab_size
-        if self.kind == "bytes":
+        self.hf: Any = None
+        self.eos_token_ids: frozenset[int] = frozenset()
+        if self.kind == "hf":
+            if metadata is None:
+                raise SpecError(f"{source}: vocab kind 'hf' needs the file's metadata (its tokenizer.json)")
+            from .text import HFTokenizer  # noqa: PLC0415  (tokenizers/jinja2 only for these files)
+
+            self.hf = HFTokenizer.from_metadata(metadata, vocab, vocab_size, source)
+            self.eos_token_ids = self.hf.eos_token_ids
+        elif self.kind == "ids":
+            self.eos_token_ids = frozenset(int(e) for e in vocab.get("eos_token_ids") or [])
+        elif self.kind == "bytes":
             if vocab_size < 256:
                 raise SpecError(f"vocab: kind 'bytes' needs vocab_size >= 256, the spec says {vocab_size}")
         elif self.kind == "chars":
@@ -36,9 +56,21 @@ class Tokenizer:
                 raise SpecError("vocab: kind 'chars' needs the characters in id order under 'chars'")
             self.index = {c: i for i, c in enumerate(self.chars)}
         else:
-            raise SpecError(f"vocab: kind {self.kind!r} cannot turn text into tokens; expected 'bytes' or 'chars'")
+            raise SpecError(f"vocab: kind {self.kind!r} cannot turn text into tokens; expected 'bytes', 'chars' or 'hf'")
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def chat_template(self) -> Any:
+        """The file's chat template (:class:`wmdeploy.text.ChatTemplate`), or None."""
+        return self.hf.chat_template if self.hf is not None else None
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; an ``hf`` tokenizer adds its special tokens (a bos) as ``tok(text)`` does,
+        unless ``add_special_tokens=False`` (a rendered chat template, or a continuation)."""
+        if self.hf is not None:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        if self.kind == "ids":
+            raise SpecError("prompt: this file carries no tokenizer (vocab kind 'ids': its folder had none); "
+                            "pass token ids instead of text")
         if self.kind == "bytes":
             return list(text.encode("utf-8"))
         unknown = sorted({c for c in text if c not in self.index})
@@ -47,8 +79,13 @@ class Tokenizer:
                              f"{self.chars!r}")
         return [self.index[c] for c in text]
 
-    def decoder(self) -> "Decoder":
-        return Decoder(self)
+    def decode(self, ids: Sequence[int]) -> str:
+        decode = self.decoder()
+        return "".join(decode(int(t)) for t in ids) + decode.flush()
+
+    def decoder(self) -> Any:
+        """``decode(token) -> piece`` (and ``flush()`` for what is still held back at the end)."""
+        return self.hf.decoder() if self.hf is not None else Decoder(self)
 
 
 class Decoder:
@@ -61,8 +98,11 @@ class Decoder:
     def __call__(self, token: int) -> str:
         if self.tokenizer.kind == "bytes":
             return self._utf8.decode(bytes([token % 256])) if token < 256 else ""
-        chars = self.tokenizer.chars
+        chars = getattr(self.tokenizer, "chars", "")  # kind "ids": no text
         return chars[token] if token < len(chars) else ""
+
+    def flush(self) -> str:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -71,10 +111,41 @@ class LanguageModelInfo:
     logits_output: str
     tokenizer: Tokenizer
     max_chunk: int
+    max_context: int | None = None  # the file's context capacity (``meta.max_context``), None: unbounded
+
+    def check_room(self, new: int, held: int = 0, what: str = "prompt") -> None:
+        """``ContextLengthError`` naming the capacity when ``held + new`` tokens would not fit."""
+        if self.max_context is not None and held + new > self.max_context:
+            raise ContextLengthError(
+                f"{what}: {new} tokens{f' + {held} already held' if held else ''} would pass the context capacity "
+                f"of {self.max_context} tokens (the file's --max-context); nothing ran")
 
 
-def language_model_info(spec: StreamingSpec, source: str = "model") -> LanguageModelInfo:
-    """What generation needs from a spec, or a clear error naming what is missing."""
+#: tokenizers already built, per loaded model (an ``hf`` file's tokenizer.json is parsed once, not per turn)
+_TOKENIZERS: "weakref.WeakKeyDictionary[Any, Tokenizer]" = weakref.WeakKeyDictionary()
+
+
+def _tokenizer(meta: Mapping[str, Any], vocab_size: int, model: Any, source: str) -> Tokenizer:
+    vocab = meta["vocab"]
+    if not isinstance(vocab, dict) or vocab.get("kind") != "hf" or model is None:
+        return Tokenizer(vocab if isinstance(vocab, dict) else {}, vocab_size, None, source)
+    backend = getattr(model, "backend", model)
+    try:
+        cached = _TOKENIZERS.get(backend)
+    except TypeError:  # not weak-referenceable: no cache
+        cached = None
+    if cached is None:
+        cached = Tokenizer(vocab, vocab_size, backend.file_metadata(), source)
+        try:
+            _TOKENIZERS[backend] = cached
+        except TypeError:
+            pass
+    return cached
+
+
+def language_model_info(spec: StreamingSpec, source: str = "model", model: Any = None) -> LanguageModelInfo:
+    """What generation needs from a spec, or a clear error naming what is missing. ``model`` (a loaded
+    ``Model``) is needed for an ``hf`` vocabulary: its tokenizer is in the file's metadata, not the spec."""
     meta = spec.meta
     missing = [key for key in ("tokens_input", "logits_output", "vocab") if key not in meta]
     if missing:
@@ -89,8 +160,9 @@ def language_model_info(spec: StreamingSpec, source: str = "model") -> LanguageM
     if logits.shape[:2] != ("batch", "time") or len(logits.shape) != 3:
         raise SpecError(f"{source}: logits output '{logits.name}' is {list(logits.shape)}; expected ['batch', 'time', vocab]")
     vocab_size = int(meta.get("vocab_size", logits.shape[2] if isinstance(logits.shape[2], int) else 0))
-    return LanguageModelInfo(tokens.name, logits.name, Tokenizer(meta["vocab"], vocab_size),
-                             int(meta.get("max_chunk", PREFILL_CHUNK)) or PREFILL_CHUNK)
+    capacity = int(meta["max_context"]) if meta.get("max_context") and "position_state" in meta else None
+    chunk = int(meta.get("max_chunk") or 0) or (BOUNDED_PREFILL_CHUNK if capacity else PREFILL_CHUNK)
+    return LanguageModelInfo(tokens.name, logits.name, _tokenizer(meta, vocab_size, model, source), chunk, capacity)
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int = 0,
@@ -155,10 +227,11 @@ class GenerationStats:
 
 @dataclass
 class Generation:
-    """Iterate for text pieces as tokens are sampled; ``tokens`` and ``stats`` fill in as it runs."""
+    """Iterate for text pieces as tokens are sampled; ``tokens``, ``stats`` and ``finish_reason`` fill in as it
+    runs. ``prompt`` is text, or token ids to prefill as they are (a chat turn's new tokens)."""
 
     stream: Any
-    prompt: str
+    prompt: str | Sequence[int]
     max_tokens: int = 100
     temperature: float = 1.0
     top_k: int = 0
@@ -167,38 +240,65 @@ class Generation:
     stop: str | None = None
     tokens: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
+    #: why it ended: "stop" (an eos token or the ``stop`` string), "length" (``max_tokens``, or the context)
+    finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[str]:
         spec: StreamingSpec = self.stream.spec
-        info = language_model_info(spec, str(getattr(self.stream.model, "path", "model")))
+        info = language_model_info(spec, str(getattr(self.stream.model, "path", "model")), self.stream.model)
         rng = np.random.default_rng(self.seed)
-        ids = info.tokenizer.encode(self.prompt)
+        held = int(getattr(self.stream, "position", 0)) if info.max_context is not None else 0
+        ids = self._ids(info, held)
+        info.check_room(len(ids), held)
         self.stats.state_bytes_per_stream = spec.state_bytes_per_stream
         self.stats.prompt_tokens = len(ids)
         decode = info.tokenizer.decoder()
-        last = self._prefill(info, ids)
+        last = self._prefill(info, ids, held)
         if last is None:
             raise InputError("prompt: empty; generation needs at least one token to condition on")
-        text = ""
+        held += len(ids)
+        eos, text, self.finish_reason = info.tokenizer.eos_token_ids, "", "length"
         for _ in range(self.max_tokens):
+            if info.max_context is not None and held >= info.max_context:
+                break  # the memory is full: the sampled token could not go in (finish_reason "length")
             started = time.perf_counter()  # time the engine and sampling, not the consumer between yields
             token = sample(last, rng, self.temperature, self.top_k, self.top_p)
             self.tokens.append(token)
             self.stats.generated_tokens += 1
             # Every sampled token goes into the working memory, so the next turn continues from here.
             out = self.stream.step(**{info.tokens_input: np.array([[token]], dtype=np.int64)})
+            held += 1
             last = out[info.logits_output][0, -1]
             self.stats.decode_s += time.perf_counter() - started
+            if token in eos:  # in the memory and in ``tokens`` (as transformers returns it), never in the text
+                self.finish_reason = "stop"
+                break
             piece = decode(token)
             text += piece
             if piece:
                 yield piece
             if self.stop and text.endswith(self.stop) and text.strip():
+                self.finish_reason = "stop"
                 break  # the end of the first non-empty piece: a leading separator does not end a reply
+        rest = decode.flush()  # an unfinished character at the end shows as decode shows it
+        if rest:
+            yield rest
 
-    def _prefill(self, info: LanguageModelInfo, ids: list[int]) -> np.ndarray | None:
-        chunks = [np.array([ids[start:start + info.max_chunk]], dtype=np.int64)
-                  for start in range(0, len(ids), info.max_chunk)]
+    def _ids(self, info: LanguageModelInfo, held: int) -> list[int]:
+        if isinstance(self.prompt, str):
+            # a new sequence gets the tokenizer's special tokens (a bos), as ``tok(prompt)``; a continuation not
+            return info.tokenizer.encode(self.prompt, **({"add_special_tokens": held == 0} if info.tokenizer.hf else {}))
+        ids = list(self.prompt)
+        size = info.tokenizer.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0
+               or (size and t >= size)]
+        if bad:
+            raise InputError(f"prompt: token ids {bad[:5]} are not in the vocabulary (0..{size - 1})")
+        return [int(t) for t in ids]
+
+    def _prefill(self, info: LanguageModelInfo, ids: list[int], held: int = 0) -> np.ndarray | None:
+        size = info.max_chunk if info.max_context is None else max(1, min(info.max_chunk, info.max_context - held))
+        chunks = [np.array([ids[start:start + size]], dtype=np.int64) for start in range(0, len(ids), size)]
         scratch = self._scratch_stream()
         if scratch is not None and chunks:
             # The first engine call of each input shape pays the engine's set-up (allocation, kernel choice,
@@ -211,6 +311,8 @@ class Generation:
             shapes.setdefault((1, 1), chunks[-1][:, -1:])
             for _ in range(WARMUP_ROUNDS):
                 for chunk in shapes.values():
+                    if info.max_context is not None and scratch.position + chunk.shape[1] > info.max_context:
+                        scratch.reset()  # a bounded memory: warm-up calls must fit in it too
                     scratch.step(**{info.tokens_input: chunk})
             self.stats.warmup_calls = WARMUP_ROUNDS * len(shapes)
             self.stats.warmup_s = time.perf_counter() - started
@@ -240,12 +342,15 @@ class Generation:
         return "".join(self)
 
 
-def generate(model_or_stream: Any, prompt: str, *, max_tokens: int = 100, temperature: float = 1.0,
+def generate(model_or_stream: Any, prompt: str | Sequence[int], *, max_tokens: int = 100, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop: str | None = None) -> Generation:
     """Continue ``prompt`` on a stream (or a fresh stream of a ``Model``); iterate for text pieces.
 
     The prompt is appended to the stream's working memory and so is every sampled token: calling
-    ``generate`` again on the same stream continues the same conversation without re-reading it.
+    ``generate`` again on the same stream continues the same conversation without re-reading it. ``prompt``
+    may be token ids (prefilled as they are). Generation ends at an eos token id of the file's vocabulary
+    (kept in ``tokens`` and the memory, not in the text), the ``stop`` string, ``max_tokens``, or the
+    file's context capacity; ``finish_reason`` says which ("stop" or "length").
     """
     if not 0 < top_p <= 1:
         raise InputError(f"--top-p: {top_p}; expected a probability in (0, 1]")

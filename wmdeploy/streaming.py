@@ -39,7 +39,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import snapshot as _snap
-from ._inputs import ContextBound, check_inputs
+from ._inputs import ContextBound, as_count, check_inputs, rows_of
 from .contract import StreamingSpec
 from .errors import BackendError, CapacityError, InputError, SnapshotError
 from .runtimes import create
@@ -150,7 +150,10 @@ class Stream:
         """Feed one chunk; return the data outputs. The state advances only if the step succeeds."""
         feeds, _ = check_inputs(self.spec, inputs, self.batch)
         t = self._bound.check(self._pos, feeds) if self._bound is not None else 0
-        out = self.model.backend.run(self._arena, self._slots, feeds)
+        if t > 1 and self.batch > 1 and self._bound.one_row_per_chunk(self._pos):  # type: ignore[union-attr]
+            out = self._bound.run_rows(self.model.backend, self._arena, feeds)  # type: ignore[union-attr]
+        else:
+            out = self.model.backend.run(self._arena, self._slots, feeds)
         self.steps += 1
         self._pos += t
         return out
@@ -179,19 +182,6 @@ class Stream:
         return f"Stream(batch={self.batch}, steps={self.steps})"
 
 
-def _rows(arr: np.ndarray, axis: int, n: int) -> list[np.ndarray]:
-    """Split ``arr`` into ``n`` views of size 1 along ``axis`` (no copies)."""
-    if axis == 0:
-        return [arr[i:i + 1] for i in range(n)]
-    lead = (slice(None),) * axis
-    return [arr[lead + (slice(i, i + 1),)] for i in range(n)]
-
-
-def _count(value: Any) -> Any:
-    """A numpy integer as a plain int (``np.int64(4)`` is a fine pool size); anything else unchanged."""
-    return int(value) if isinstance(value, np.integer) else value
-
-
 class StreamPool:
     """Streams (at most ``capacity``; ``None``: no limit), each with its own working memory, stepped in
     batched engine calls; the state arena grows and shrinks with the live streams (see the module doc).
@@ -205,7 +195,7 @@ class StreamPool:
 
     def __init__(self, model: Model, capacity: int | None = None, *, reserve: int = 0,
                  shrink_after_s: float = 30.0) -> None:
-        capacity, reserve = _count(capacity), _count(reserve)  # numpy integers are counts too
+        capacity, reserve = as_count(capacity), as_count(reserve)  # numpy integers are counts too
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise CapacityError(f"pool capacity {capacity!r}: expected at least 1, or None for no limit")
         if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0 or (capacity and reserve > capacity):
@@ -343,6 +333,13 @@ class StreamPool:
         self._arena.reset([self._slot_of(sid)])
         self._steps[sid] = self._pos[sid] = 0
 
+    def check_context(self, sid: int, inputs: Mapping[str, np.ndarray], where: str = "") -> None:
+        """``ContextLengthError`` if ``inputs`` would take stream ``sid`` past the context capacity (a server
+        checks each job before batching it, so one session's overflow never fails another's step)."""
+        if self._bound is not None:
+            self._slot_of(sid)
+            self._bound.check(self._pos[sid], inputs, where)
+
     def position(self, sid: int) -> int:
         """Tokens stream ``sid`` holds (a language model with a context bound; 0 otherwise)."""
         self._slot_of(sid)  # the one error for an unknown stream
@@ -377,6 +374,8 @@ class StreamPool:
         cap = self.spec.max_batch  # a graph with a fixed batch (meta.max_batch): at most that many per call
         if cap is not None:
             groups = {(key, i): ms[i:i + cap] for key, ms in groups.items() for i in range(0, len(ms), cap)}
+        if self._bound is not None:  # GroupQueryAttention: a multi-token call of streams with a past is one stream
+            groups = self._bound.split(groups, self._pos)
         for members in groups.values():
             members.sort(key=lambda m: m[0])
             slots_list = [m[0] for m in members]
@@ -405,7 +404,7 @@ class StreamPool:
         results: dict[int, dict[str, np.ndarray]] = {}
         for members, outs in done:
             n = len(members)
-            split = {t.name: _rows(outs[t.name], t.batch_axis, n) for t in self.spec.outputs}
+            split = {t.name: rows_of(outs[t.name], t.batch_axis, n) for t in self.spec.outputs}
             for i, (_, sid, _) in enumerate(members):
                 results[sid] = {name: rows[i] for name, rows in split.items()}
                 self._steps[sid] += 1

@@ -20,7 +20,7 @@ def precision_option(precision: str | None) -> dict[str, str]:
 @app.command(epilog="Example: wmdeploy generate out/lm.onnx out/lm.int8.onnx --prompt 'The river' --max-tokens 200 --seed 1")
 @cli_errors
 def generate(
-    models: List[Path] = typer.Argument(..., help="language models of the zoo (or any file whose spec meta names tokens, logits, vocab); several run side by side"),
+    models: List[Path] = typer.Argument(..., help="language models of the zoo, files exported from Hugging Face folders (export hf:), or any file whose spec meta names tokens, logits, vocab; several run side by side"),
     prompt: str = typer.Option(..., "--prompt", help="text to continue"),
     max_tokens: int = typer.Option(100, "--max-tokens"),
     temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy"),
@@ -32,7 +32,8 @@ def generate(
     precision: Optional[str] = typer.Option(None, "--precision", help="inference precision of backends that take one (openvino: f32, bf16, f16)"),
     as_json: bool = typer.Option(False, "--json", help="print the texts and the speeds as JSON at the end"),
 ) -> None:
-    """Continue a prompt: the prompt is prefilled in chunks, then one token per step is sampled and printed.
+    """Continue a prompt: the prompt is prefilled in chunks, then one token per step is sampled and printed,
+    until --max-tokens or the model's end-of-sequence token (a file exported from a Hugging Face folder).
 
     With several files (a float model and its quantized copy, say) each continues the same prompt with
     the same seed, and a table compares their speeds.
@@ -46,8 +47,9 @@ def generate(
     lms = [load(m, backend=backend, device=device, **precision_option(precision)) for m in models]
     for lm, m in zip(lms, models):
         # a clear error before anything is printed: the prompt too (it was echoed, or a first model's whole
-        # text written, before a later model's vocabulary refused it)
-        language_model_info(lm.spec, str(m)).tokenizer.encode(prompt)
+        # text written, before a later model's vocabulary refused it, or its context could not hold it)
+        info = language_model_info(lm.spec, str(m), lm)
+        info.check_room(len(info.tokenizer.encode(prompt)), what=f"{m}: --prompt")
     results = []
     for lm, m in zip(lms, models):
         run = run_generate(lm, prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -66,7 +68,7 @@ def generate(
             sys.stdout.write("\n")
             sys.stdout.flush()  # the speed table goes to stderr: keep the order on a shared terminal
         results.append({"model": str(m), "backend": lm.backend_name, "file_bytes": m.stat().st_size,
-                        "prompt": prompt, "text": text, **run.stats.to_dict()})
+                        "prompt": prompt, "text": text, "finish_reason": run.finish_reason, **run.stats.to_dict()})
     if as_json:
         sys.stdout.write(json.dumps(results if len(results) > 1 else results[0]) + "\n")
         return
@@ -84,7 +86,7 @@ def generate(
 @app.command(epilog="Example: printf 'my name is ada\\n/save mem.bin\\n' | wmdeploy chat out/lm.onnx --seed 0")
 @cli_errors
 def chat(
-    model: Path = typer.Argument(..., help="a language model of the zoo"),
+    model: Path = typer.Argument(..., help="a language model of the zoo, or a file exported from a Hugging Face folder (its chat template renders each turn)"),
     max_tokens: int = typer.Option(80, "--max-tokens", help="longest reply"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (default)"),
     top_k: int = typer.Option(0, "--top-k"),

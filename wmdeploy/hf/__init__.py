@@ -90,6 +90,10 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
         "hf": {"model_type": found.family, "architecture": found.architecture, "attention": attention,
                "transformers": transformers.__version__},
     }
+    if attention == "gqa" and layout.has_attention:
+        # ORT's GroupQueryAttention refuses a multi-token call of several rows with a past: the pool and a
+        # lock-step Stream run such steps one row per call (streams at position 0 still batch)
+        meta["prefill_batch"] = "fresh"
     forward_kwargs = prepare(model, found.family, layout)
     attn.register()
     model.config._attn_implementation = attn.IMPLEMENTATION

@@ -21,6 +21,7 @@ In eager torch (export's trace, checks) both compute the same thing with plain t
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,8 +111,10 @@ class _GroupQueryAttention(torch.autograd.Function):
                  position: Any, num_heads: int, kv_heads: int, scale: float, window: int, softcap: float) -> Any:
         attrs: dict[str, Any] = {"num_heads_i": num_heads, "kv_num_heads_i": kv_heads, "scale_f": scale}
         if window:
-            # transformers' window W keeps W keys (the query's own included); GQA's local_window_size L keeps L + 1
-            attrs["local_window_size_i"] = window - 1
+            # transformers' window W keeps W keys (the query's own included). What GQA's local_window_size L keeps
+            # changed between ONNX Runtime versions (L + 1 keys in the older CPU/CUDA kernels, L keys in 1.32,
+            # whose windowed-cache docs say "min(T, W)"), so the offset is measured on the installed runtime.
+            attrs["local_window_size_i"] = window - gqa_window_offset()
         if softcap:
             attrs["softcap_f"] = softcap
         out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q3, k3, v3, past_k, past_v,
@@ -120,6 +123,46 @@ class _GroupQueryAttention(torch.autograd.Function):
         present_k.setType(past_k.type())
         present_v.setType(past_v.type())
         return out, present_k, present_v
+
+
+@functools.lru_cache(maxsize=None)
+def gqa_window_offset() -> int:
+    """W - L: how many keys fewer GQA's ``local_window_size`` L names than the window W it keeps, on the
+    installed ONNX Runtime (1: older kernels keep L + 1 keys; 0: 1.32 keeps L). Measured once on one tiny node:
+    a single query at position 5 with L = 2, compared with :func:`reference` at windows 2 and 3."""
+    import numpy as np  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    from ..errors import ExportError  # noqa: PLC0415
+
+    h, kvh, d, cap, pos, size = 2, 1, 16, 8, 5, 2
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "sl", "tl"], ["o", "ok", "ov"],
+                            domain="com.microsoft", num_heads=h, kv_num_heads=kvh, scale=d ** -0.5,
+                            local_window_size=size)
+    shapes = {"q": [1, 1, h * d], "k": [1, 1, kvh * d], "v": [1, 1, kvh * d], "pk": [1, kvh, cap, d],
+              "pv": [1, kvh, cap, d]}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
+    inputs += [helper.make_tensor_value_info("sl", TensorProto.INT32, [1]),
+               helper.make_tensor_value_info("tl", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "ok", "ov")]
+    proto = helper.make_model(helper.make_graph([node], "window_probe", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    feeds["pk"][:, :, pos + 1:] = 0
+    feeds["pv"][:, :, pos + 1:] = 0
+    feeds.update(sl=np.array([pos], np.int32), tl=np.array(pos + 1, np.int32))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["o"], {k: v.copy() for k, v in feeds.items()})[0]
+    t = {n: torch.from_numpy(v) for n, v in feeds.items() if n in shapes}
+    q, k, v = (t[n].view(1, 1, -1, d).transpose(1, 2) for n in ("q", "k", "v"))
+    for offset in (0, 1):
+        want = reference(q, k, v, t["pk"], t["pv"], torch.tensor([pos]), d ** -0.5, size + offset, None)[0]
+        if np.abs(want.reshape(got.shape).numpy() - got).max() < 1e-4:
+            return offset
+    raise ExportError(f"onnxruntime {ort.__version__}: GroupQueryAttention's local_window_size keeps neither L nor "
+                      "L + 1 keys; export the sliding-window model with --attention portable")
 
 
 def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -17,7 +17,8 @@ import torch
 
 #: (prefill chunk lengths) per sequence when streamed alone; the rest of each sequence goes one token a step
 ALONE_CHUNKS = ((7,), (3, 4), (1,))
-#: tokens each sequence holds before the pool's shared single-token steps begin (they joined at different times)
+#: tokens each sequence holds before the pool's shared steps begin (they joined at different times); then one
+#: two-token step of all three together, then single tokens
 POOL_HEADSTART = (5, 2, 0)
 
 
@@ -77,6 +78,11 @@ def _stream_pool(model: Any, ids: np.ndarray) -> list[np.ndarray]:
             got[i].append(pool.step({sids[i]: _tokens(ids[i, None, :head])})[sids[i]]["logits"][0])
             pos[i] = head
     length = ids.shape[1]
+    # one shared two-token step: rows with and without a past in one pool step (GQA files split it)
+    outs = pool.step({sids[i]: _tokens(ids[i, None, pos[i]:pos[i] + 2]) for i in range(len(ids))})
+    for i in range(len(ids)):
+        got[i].append(outs[sids[i]]["logits"][0])
+        pos[i] += 2
     while any(p < length for p in pos):
         live = [i for i in range(len(ids)) if pos[i] < length]
         outs = pool.step({sids[i]: _tokens(ids[i, None, pos[i]:pos[i] + 1]) for i in live})

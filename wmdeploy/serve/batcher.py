@@ -289,6 +289,8 @@ class Batcher:
         for job in jobs:  # open / restore / restart every session; a failure fails only its own job
             try:
                 sess = table.start(job.key, busy) if job.start else table.resident(job.key, job.what, busy)
+                # a step past a language model's context is this client's error, refused before any batching
+                table.pool.check_context(sess.sid, job.feeds, f"{job.what} '{display(job.key)}': ")
             except Exception as exc:  # noqa: BLE001
                 self._fail(job, exc)
                 continue

@@ -2,8 +2,12 @@
 
 ``/v1/sessions/{id}/generate``: send ``{"prompt": "...", "max_tokens": 50, "temperature": 0.8,
 "top_k": 0, "top_p": 1.0, "seed": 1}``; receive ``{"text": piece, "token": id}`` messages as tokens are
-sampled, then ``{"done": true, "stats": {...}}`` (or ``{"error": "..."}``). The prompt and every
-sampled token go into the session's working memory, so the next message continues the conversation.
+sampled, then ``{"done": true, "tokens": [...], "finish_reason": "stop"|"length", "stats": {...}}`` (or
+``{"error": "..."}``). The prompt and every sampled token go into the session's working memory, so the next
+message continues the conversation. A file that carries a Hugging Face tokenizer (``export hf:``) works the
+same: text in, text pieces out, the reply ending at its eos token; a prompt that would pass the file's
+context capacity is the client's error (``{"error": ...}``, kind ``invalid_input``), checked against the
+session's position before any step, and a reply that fills the context ends with ``finish_reason`` "length".
 
 The loop (:func:`wmdeploy.generation.generate`) runs in a worker thread on a :class:`SessionStream`,
 whose every step is an ordinary step job: it is batched with the other sessions' steps by the engine
@@ -27,6 +31,8 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
+from .. import snapshot as _snap
+from .._inputs import ContextBound
 from ..errors import InputError, WmdeployError
 from ..generation import generate, language_model_info
 from ..streaming import Model
@@ -44,9 +50,19 @@ class SessionStream:
 
     batch = 1
 
-    def __init__(self, batcher: Batcher, key: str, model: Model, check: StepCheck, gate: Gate | None = None) -> None:
+    def __init__(self, batcher: Batcher, key: str, model: Model, check: StepCheck, gate: Gate | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.batcher, self.key, self.model, self.spec, self.check = batcher, key, model, model.spec, check
-        self.gate = gate
+        self.gate, self.loop = gate, loop
+
+    @property
+    def position(self) -> int:
+        """Tokens the session holds (a file with a context capacity), asked on the engine thread, in order with
+        the steps; 0 for other files. Generation checks a prompt against the capacity with it before stepping."""
+        if self.loop is None or ContextBound.of(self.spec) is None:
+            return 0
+        future = asyncio.run_coroutine_threadsafe(self.batcher.call(_position, self.batcher.table, self.key), self.loop)
+        return int(future.result(timeout=self.batcher.deadline_s + 1))
 
     def step(self, **inputs: Any) -> dict[str, Any]:
         """One chunk; a prompt longer than ``--max-chunk`` goes in pieces of at most that length (the limit
@@ -67,6 +83,16 @@ class SessionStream:
     def _one(self, inputs: dict[str, Any]) -> dict[str, Any]:
         job = StepJob(self.key, self.check(inputs), gate=self.gate)
         return self.batcher.result(self.batcher.enqueue(job), self.gate).outputs
+
+
+def _position(table: Any, key: str) -> int:
+    """On the engine thread: the session's position (resident: the pool's count; else from its snapshot)."""
+    table.info(key)  # the unknown-session error, and a shared store's newer copy
+    sess = table.live.get(key)
+    if sess is not None:
+        return table.pool.position(sess.sid)
+    spec = table.pool.spec
+    return int(ContextBound(spec).positions(_snap.loads(spec, table.snapshot(key))).max())
 
 
 def _options(body: Any, max_tokens: int | None = None) -> dict[str, Any]:
@@ -104,7 +130,7 @@ def register_generation(app: FastAPI, ctx: Ctx, model: Model, max_tokens: int | 
     async def generate_on_session(ws: WebSocket, sid: str) -> None:
         await ws.accept()
         try:
-            language_model_info(model.spec, str(model.path))
+            language_model_info(model.spec, str(model.path), model)  # an hf file: its tokenizer, built once here
             key = client_key(ws.scope, sid)  # tenant-scoped: another key's session is unknown here
             await batcher.call(table.info, key)
         except WmdeployError as exc:
@@ -141,12 +167,13 @@ def register_generation(app: FastAPI, ctx: Ctx, model: Model, max_tokens: int | 
                         except (json.JSONDecodeError, RecursionError) as exc:
                             raise InputError(f"message: not valid JSON ({exc})") from None
                         options = _options(body, max_tokens)
-                        stream = SessionStream(batcher, key, model, ctx.check, gate)
+                        stream = SessionStream(batcher, key, model, ctx.check, gate, loop)
                         run = generate(stream, body["prompt"], **options)
                         for piece in run:
                             if gate.closed or not emit({"text": piece, "token": run.tokens[-1]}):
                                 return
-                        emit({"done": True, "tokens": run.tokens, "stats": run.stats.to_dict()})
+                        emit({"done": True, "tokens": run.tokens, "finish_reason": run.finish_reason,
+                              "stats": run.stats.to_dict()})
                     except WmdeployError as exc:
                         ctx.metrics.error(classify(exc)[1])
                         emit({"error": one_line(exc)})
