@@ -89,6 +89,10 @@ def _dtype(t: torch.Tensor, where: str) -> str:
 
 def probe(model: Any, capacity: int, family: str) -> CacheLayout:
     """Run ``model`` on two tokens with its own cache and turn what the cache holds into our layout."""
+    if family == "recurrent_gemma":  # keeps its states on the modules and returns no cache: read them there
+        from .hybrid import probe_recurrent_gemma  # noqa: PLC0415
+
+        return probe_recurrent_gemma(model, capacity)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
     cache = getattr(out, "past_key_values", None)
