@@ -89,25 +89,9 @@ def folders(tmp_path_factory):
     return {family: save_folder(make(), root / family) for family, make in CONFIGS.items()}
 
 
-@pytest.fixture
-def probe_ready(monkeypatch):
-    """layout.probe for RecurrentGemma: its own, or hybrid.probe_recurrent_gemma where it has none yet."""
-    original = hf_layout.probe
-
-    def probe(model, capacity, family):
-        if family == "recurrent_gemma":
-            try:
-                return original(model, capacity, family)
-            except ExportError:
-                return hybrid.probe_recurrent_gemma(model, capacity)
-        return original(model, capacity, family)
-
-    monkeypatch.setattr(hf_layout, "probe", probe)
-
-
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_hybrid_export_verified(family, form, folders, tmp_path, probe_ready):
+def test_hybrid_export_verified(family, form, folders, tmp_path):
     result = export_hf(folders[family], tmp_path / f"{family}.onnx", max_context=CAPACITY, attention=form)
     report = result.report
     assert report is not None and report.ok, report.summary()
