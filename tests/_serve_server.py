@@ -123,3 +123,14 @@ class FaultyStore:
             raise self.fail
         return self.inner.append(records)
 
+
+def ws_generate(ws: Any, **body: Any) -> list[dict]:
+    """Send one generation request on a ``/generate`` WebSocket; the messages up to ``done`` or ``error``."""
+    import json  # noqa: PLC0415
+
+    ws.send(json.dumps(body))
+    messages = []
+    while True:
+        messages.append(json.loads(ws.recv(timeout=30)))
+        if "done" in messages[-1] or "error" in messages[-1]:
+            return messages

@@ -248,16 +248,8 @@ def test_cli_generate_and_chat_on_an_hf_file(hf):
 
 def test_websocket_generation_of_an_hf_file(hf):
     websockets_sync = pytest.importorskip("websockets.sync.client")
-    from _serve_server import ThreadServer  # noqa: PLC0415
+    from _serve_server import ThreadServer, ws_generate  # noqa: PLC0415
     from wmdeploy.serve import ServeConfig  # noqa: PLC0415
-
-    def generate(ws, **body):
-        ws.send(json.dumps(body))
-        messages = []
-        while True:
-            messages.append(json.loads(ws.recv(timeout=30)))
-            if "done" in messages[-1] or "error" in messages[-1]:
-                return messages
 
     srv = ThreadServer(ServeConfig(hf["path"], name="hf", batch_window_ms=1), hf["model"])
     try:
@@ -267,10 +259,10 @@ def test_websocket_generation_of_an_hf_file(hf):
         first = wmdeploy.generate(local, "東京 Numbers", temperature=0, max_tokens=30)
         second = wmdeploy.generate(local, " hello", temperature=0, max_tokens=5)
         with websockets_sync.connect(srv.url.replace("http", "ws") + "/v1/sessions/h1/generate") as ws:
-            a = generate(ws, prompt="東京 Numbers", temperature=0, max_tokens=30)
-            b = generate(ws, prompt=" hello", temperature=0, max_tokens=5)
-            big = generate(ws, prompt="hello " * 200, max_tokens=3)  # past the context: the client's error
-            c = generate(ws, prompt=" x", temperature=0, max_tokens=2)  # and the session goes on
+            a = ws_generate(ws, prompt="東京 Numbers", temperature=0, max_tokens=30)
+            b = ws_generate(ws, prompt=" hello", temperature=0, max_tokens=5)
+            big = ws_generate(ws, prompt="hello " * 200, max_tokens=3)  # past the context: the client's error
+            c = ws_generate(ws, prompt=" x", temperature=0, max_tokens=2)  # and the session goes on
         assert "".join(m.get("text", "") for m in a) == first.text()
         assert a[-1]["tokens"] == first.tokens and a[-1]["finish_reason"] == first.finish_reason == "stop"
         assert "".join(m.get("text", "") for m in b) == second.text() and b[-1]["tokens"] == second.tokens

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import wmdeploy
-from _serve_server import ThreadServer
+from _serve_server import ThreadServer, ws_generate
 from wmdeploy.models.lstm_lm import LSTMLanguageModel
 from wmdeploy.serve import ServeConfig
 
@@ -27,15 +27,6 @@ def lm_server(tmp_path_factory):
     srv.stop()
 
 
-def _generate(ws, **body) -> list[dict]:
-    ws.send(json.dumps(body))
-    messages = []
-    while True:
-        messages.append(json.loads(ws.recv(timeout=30)))
-        if "done" in messages[-1] or "error" in messages[-1]:
-            return messages
-
-
 def test_websocket_generation_equals_the_library_and_continues_the_session(lm_server):
     srv, model = lm_server
     with srv.client() as c:
@@ -44,9 +35,9 @@ def test_websocket_generation_equals_the_library_and_continues_the_session(lm_se
     first = wmdeploy.generate(local, "Once upon", max_tokens=12, seed=3)
     second = wmdeploy.generate(local, " and then", max_tokens=8, seed=4)
     with websockets_sync.connect(srv.url.replace("http", "ws") + "/v1/sessions/g1/generate") as ws:
-        a = _generate(ws, prompt="Once upon", max_tokens=12, seed=3)
-        b = _generate(ws, prompt=" and then", max_tokens=8, seed=4)  # continues the same memory
-        bad = _generate(ws, prompt="x", max_tokens="many")
+        a = ws_generate(ws, prompt="Once upon", max_tokens=12, seed=3)
+        b = ws_generate(ws, prompt=" and then", max_tokens=8, seed=4)  # continues the same memory
+        bad = ws_generate(ws, prompt="x", max_tokens="many")
     assert "".join(m.get("text", "") for m in a) == first.text()
     assert a[-1]["tokens"] == first.tokens and a[-1]["stats"]["prompt_tokens"] == 9
     assert "".join(m.get("text", "") for m in b) == second.text()

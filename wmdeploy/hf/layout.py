@@ -30,19 +30,20 @@ class CacheTensor:
     shape: tuple[int, ...]  # per stream, batch axis excluded; KV: (kv_heads, capacity, head_dim)
     dtype: str
 
+    def _name(self, past: bool) -> str:
+        """Optimum's and GenAI's names: past_key_values.{i}.key -> present.{i}.key; past_conv.{i} -> present_conv.{i}."""
+        if self.kind in ("key", "value"):
+            return f"{'past_key_values' if past else 'present'}.{self.layer}.{self.kind}"
+        suffix = f".{self.index}" if self.index else ""
+        return f"{'past' if past else 'present'}_{self.kind}.{self.layer}{suffix}"
+
     @property
     def input_name(self) -> str:
-        if self.kind in ("key", "value"):
-            return f"past_key_values.{self.layer}.{self.kind}"
-        suffix = f".{self.index}" if self.index else ""
-        return f"past_{self.kind}.{self.layer}{suffix}"
+        return self._name(past=True)
 
     @property
     def output_name(self) -> str:
-        if self.kind in ("key", "value"):
-            return f"present.{self.layer}.{self.kind}"
-        suffix = f".{self.index}" if self.index else ""
-        return f"present_{self.kind}.{self.layer}{suffix}"
+        return self._name(past=False)
 
     def state_spec(self, inplace_kv: bool) -> StateSpec:
         doc = {"key": "attention keys, one row per position (in place)",
