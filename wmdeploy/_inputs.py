@@ -171,12 +171,13 @@ def as_count(value: Any) -> Any:
 
 
 class ContextBound:
-    """The context capacity of a language model whose streams carry their own position (``meta.max_context``
-    and ``meta.position_state``, written by ``export hf:``): a step of ``t`` tokens at position ``p`` is
-    refused, before anything runs, when ``p + t`` would pass the capacity."""
+    """The positions of a language model's streams (``meta.position_state``, written by ``export hf:``) and its
+    context capacity (``meta.max_context``; absent for a constant-size memory): a step of ``t`` tokens at
+    position ``p`` is refused, before anything runs, when ``p + t`` would pass the capacity."""
 
     def __init__(self, spec: StreamingSpec) -> None:
-        self.capacity = int(spec.meta["max_context"])
+        # None: the memory is constant-size (sliding-window rings, SSM states): positions, no bound
+        self.capacity = int(spec.meta["max_context"]) if spec.meta.get("max_context") is not None else None
         self.state = str(spec.meta["position_state"])
         self.tokens = spec.input(str(spec.meta.get("tokens_input", spec.inputs[0].name)))
         self.time_axis = self.tokens.shape.index("time") if "time" in self.tokens.shape else None
@@ -187,7 +188,7 @@ class ContextBound:
     @staticmethod
     def of(spec: StreamingSpec) -> "ContextBound | None":
         meta = spec.meta
-        if "max_context" not in meta or "position_state" not in meta:
+        if "position_state" not in meta:
             return None
         return ContextBound(spec)
 
@@ -195,7 +196,7 @@ class ContextBound:
         """The step's token count; ``ContextLengthError`` when a row would pass the capacity."""
         t = int(feeds[self.tokens.name].shape[self.time_axis]) if self.time_axis is not None else 1
         held = int(np.max(position)) if np.size(position) else 0
-        if held + t > self.capacity:
+        if self.capacity is not None and held + t > self.capacity:
             raise ContextLengthError(
                 f"{where}{held} tokens held + {t} new would pass the context capacity of {self.capacity} tokens "
                 f"(the file's --max-context); nothing ran, the stream is unchanged")
@@ -204,8 +205,9 @@ class ContextBound:
     def positions(self, states: Mapping[str, np.ndarray]) -> np.ndarray:
         """Per-row positions from restored states (a snapshot), checked against the capacity."""
         pos = np.asarray(states[self.state], dtype=np.int64).reshape(-1).copy()
-        if pos.size and (pos.min() < 0 or pos.max() > self.capacity):
-            raise InputError(f"snapshot: state '{self.state}' holds position {int(pos.max())}, outside 0..{self.capacity}")
+        if pos.size and (pos.min() < 0 or (self.capacity is not None and pos.max() > self.capacity)):
+            raise InputError(f"snapshot: state '{self.state}' holds position {int(pos.min() if pos.min() < 0 else pos.max())}, "
+                             f"outside 0..{self.capacity if self.capacity is not None else 'any'}")
         return pos
 
     def one_row_per_chunk(self, positions: np.ndarray) -> bool:

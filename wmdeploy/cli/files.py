@@ -73,7 +73,7 @@ def _export_hf(folder: str, output: Path, max_context: Optional[int], attention:
     size = output.stat().st_size
     console.print(soft_wrap=True, markup=False, *[
         f"wrote {output} ({size / 1e6:.2f} MB, {spec.meta['hf']['model_type']}, {len(spec.states)} states, "
-        f"max context {spec.meta['max_context']} tokens, {spec.state_bytes_per_stream / 1e6:.2f} MB of state per "
+        f"max context {spec.meta.get('max_context', 'unbounded')} tokens, {spec.state_bytes_per_stream / 1e6:.2f} MB of state per "
         f"stream of which {kv / 1e6:.2f} MB KV cache, attention {spec.meta['hf']['attention']}, "
         f"{result.seconds:.1f} s)" + (f"; verified: {result.report.summary()}" if result.report is not None
                                       else "; not verified")])

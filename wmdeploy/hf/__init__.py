@@ -73,8 +73,8 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     from ..torch_module import check_writable, export_graph  # noqa: PLC0415
     from . import attention as attn  # noqa: PLC0415
     from .folder import CHAT_TEMPLATE_KEY, TOKENIZER_KEY, VERIFIED, build_model  # noqa: PLC0415
-    from .layout import POSITION_STATE, probe  # noqa: PLC0415
-    from .recurrent import prepare  # noqa: PLC0415
+    from .layout import POSITION_STATE  # noqa: PLC0415
+    from .recurrent import prepare, probe_layout  # noqa: PLC0415
     from .wrapper import StreamingCausalLM  # noqa: PLC0415
 
     if found.family not in VERIFIED:
@@ -82,7 +82,7 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
                      "against transformers below all the same")
     model = build_model(found)
     torch.manual_seed(0)
-    layout = probe(model, capacity, found.family)
+    layout = probe_layout(model, capacity, found.family)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     meta: dict[str, Any] = {
         "tokens_input": "tokens", "logits_output": "logits", "vocab_size": vocab_size,
@@ -90,7 +90,11 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
         "hf": {"model_type": found.family, "architecture": found.architecture, "attention": attention,
                "transformers": transformers.__version__},
     }
-    if attention == "gqa" and layout.has_attention:
+    if not layout.has_linear_kv:  # only rings of sliding windows and recurrent states: a constant state, forever
+        del meta["max_context"]
+        notes.append("every layer's memory is constant-size (sliding-window rings, conv/SSM states): streams have "
+                     "no context bound (--max-context sizes nothing here)")
+    if attention == "gqa" and layout.has_linear_kv:
         # ORT's GroupQueryAttention refuses a multi-token call of several rows with a past: the pool and a
         # lock-step Stream run such steps one row per call (streams at position 0 still batch)
         meta["prefill_batch"] = "fresh"
@@ -98,7 +102,7 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     attn.register()
     model.config._attn_implementation = attn.IMPLEMENTATION
     wrapper = StreamingCausalLM(model, layout, attention, meta, forward_kwargs).eval()
-    uses_gqa = attention == "gqa" and layout.has_attention
+    uses_gqa = attention == "gqa" and layout.has_linear_kv
     path = Path(path)
     check_writable(path)
     spec = wrapper.streaming_spec()

@@ -40,6 +40,7 @@ class StepContext:
     position: torch.Tensor            # [batch] int64: tokens each row already holds
     past: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (key buffer, value buffer) [b, kvh, cap, d]
     present: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    rings: frozenset[int] = frozenset()  # sliding-window layers whose buffers are rings of their window
     seqlens_k: torch.Tensor | None = None   # [batch] int32: position + time - 1 (GQA)
     total_length: torch.Tensor | None = None  # scalar int32: max(position + time) (GQA)
     # recurrent layers (SSM / conv / linear attention): (layer, state index) -> held and next states
@@ -88,6 +89,41 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.T
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, values)                                     # [b, h, t, d]
     return out.transpose(1, 2).contiguous(), full_k, full_v
+
+
+def ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+         position: torch.Tensor, scale: float, window: int, softcap: float | None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sliding-window layer (window W) whose buffer is a ring of R = W - 1 positions (both forms): slot ``s``
+    holds the key of the latest position ``p < position`` with ``p % R == s``. The chunk attends to the ring as
+    it was plus its own keys (masked by absolute position: within the window, causal), then its last
+    ``min(time, R)`` keys are written at ``p % R`` — writing first would overwrite keys the chunk's earlier
+    queries still need. Keys are cached after RoPE at their absolute positions, as transformers caches them:
+    exact, forever, in a constant state."""
+    b, h, t, d = q.shape
+    kvh, size = k.shape[1], ring_k.shape[2]
+    dev = q.device
+    start = position[:, None]
+    slot_pos = start - 1 - torch.remainder(start - 1 - torch.arange(size, device=dev)[None, :], size)  # [b, W]
+    new_pos = start + torch.arange(t, device=dev)[None, :]                                            # [b, t]
+    kpos = torch.cat([slot_pos, new_pos], dim=1)[:, None, None, :]                                    # [b,1,1,W+t]
+    qpos = new_pos[:, None, :, None]
+    allowed = (kpos >= 0) & (kpos <= qpos) & (kpos > qpos - window)
+    keys, values = torch.cat([ring_k, k], dim=2), torch.cat([ring_v, v], dim=2)
+    rep = h // kvh
+    if rep > 1:
+        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
+    # the last min(t, R) keys (a slice from -R clamps to the whole chunk when it is shorter): unique slots
+    slots = torch.remainder(new_pos[:, -size:], size)[:, None, :, None]
+    tail_k, tail_v = k[:, :, -size:], v[:, :, -size:]
+    new_k = ring_k.scatter(2, slots.expand(b, kvh, tail_k.shape[2], k.shape[-1]), tail_k)
+    new_v = ring_v.scatter(2, slots.expand(b, kvh, tail_v.shape[2], v.shape[-1]), tail_v)
+    return out.transpose(1, 2).contiguous(), new_k, new_v
 
 
 class _GroupQueryAttention(torch.autograd.Function):
@@ -183,7 +219,9 @@ def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     scale = float(scaling) if scaling is not None else d ** -0.5
     window = int(sliding_window) if sliding_window else 0
     cap = float(softcap) if softcap else 0.0
-    if ctx.form == "gqa":
+    if window and layer in ctx.rings:  # a ring of its window (layout.probe)
+        out, new_k, new_v = ring(query, key, value, past_k, past_v, ctx.position, scale, window, cap or None)
+    elif ctx.form == "gqa":
         q3 = query.transpose(1, 2).reshape(b, t, h * d)
         k3 = key.transpose(1, 2).reshape(b, t, kvh * d)
         v3 = value.transpose(1, 2).reshape(b, t, kvh * d)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError
+from ..text._require import CHAT_TEMPLATE_KEY, TOKENIZER_KEY  # the keys the runtime reads them by
 
 #: Families verified by the tests (transformers 5.x), each on a small random-init config the tests build.
 VERIFIED = ("gpt2", "llama", "qwen2", "qwen3", "phi3", "gemma3_text", "mistral", "mamba", "mamba2",
@@ -21,8 +22,6 @@ VERIFIED = ("gpt2", "llama", "qwen2", "qwen3", "phi3", "gemma3_text", "mistral",
 #: The longest default context: a KV cache costs capacity x layers x kv_heads x head_dim x 8 bytes per stream.
 DEFAULT_MAX_CONTEXT_CAP = 2048
 
-TOKENIZER_KEY = "wmdeploy.tokenizer"        # metadata_props: the tokenizer.json text
-CHAT_TEMPLATE_KEY = "wmdeploy.chat_template"  # metadata_props: the Jinja chat template
 
 
 @dataclass

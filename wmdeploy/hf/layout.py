@@ -29,6 +29,7 @@ class CacheTensor:
     index: int           # the state index within a layer (a layer may hold several conv/recurrent states)
     shape: tuple[int, ...]  # per stream, batch axis excluded; KV: (kv_heads, capacity, head_dim)
     dtype: str
+    window: int = 0  # a sliding-window layer's window W: its KV buffer is a ring of W - 1 positions (0: capacity-long)
 
     def _name(self, past: bool) -> str:
         """Optimum's and GenAI's names: past_key_values.{i}.key -> present.{i}.key; past_conv.{i} -> present_conv.{i}."""
@@ -46,11 +47,13 @@ class CacheTensor:
         return self._name(past=False)
 
     def state_spec(self, inplace_kv: bool) -> StateSpec:
-        doc = {"key": "attention keys, one row per position (in place)",
-               "value": "attention values, one row per position (in place)",
+        doc = {"key": "attention keys, one row per position", "value": "attention values, one row per position",
                "conv": "causal-conv left context", "recurrent": "SSM / linear-attention recurrent state"}[self.kind]
-        return StateSpec(self.input_name, [BATCH, *self.shape], self.dtype, output=self.output_name, doc=doc,
-                         inplace=inplace_kv and self.kind in ("key", "value"))
+        if self.window:
+            doc = f"{doc} modulo {self.window - 1} (a ring: the layer's sliding window of {self.window})"
+        inplace = inplace_kv and self.kind in ("key", "value") and not self.window
+        return StateSpec(self.input_name, [BATCH, *self.shape], self.dtype, output=self.output_name,
+                         doc=doc + (" (in place)" if inplace else ""), inplace=inplace)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,15 @@ class CacheLayout:
     @property
     def has_attention(self) -> bool:
         return any(t.kind == "key" for t in self.tensors)
+
+    @property
+    def has_linear_kv(self) -> bool:
+        """Whether some attention layer keeps a capacity-long buffer (GroupQueryAttention, a context bound)."""
+        return any(t.kind == "key" and not t.window for t in self.tensors)
+
+    @property
+    def rings(self) -> frozenset[int]:
+        return frozenset(t.layer for t in self.tensors if t.kind == "key" and t.window)
 
     def states(self, inplace_kv: bool) -> list[StateSpec]:
         """Our states: the position, then every cache tensor (KV in place where the graph aliases them)."""
@@ -89,11 +101,8 @@ def _dtype(t: torch.Tensor, where: str) -> str:
 
 
 def probe(model: Any, capacity: int, family: str) -> CacheLayout:
-    """Run ``model`` on two tokens with its own cache and turn what the cache holds into our layout."""
-    if family == "recurrent_gemma":  # keeps its states on the modules and returns no cache: read them there
-        from .hybrid import probe_recurrent_gemma  # noqa: PLC0415
-
-        return probe_recurrent_gemma(model, capacity)
+    """Run ``model`` on two tokens with its own cache and turn what the cache holds into our layout (families
+    that keep their states elsewhere are laid out by :func:`.recurrent.probe_layout`)."""
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2]]), use_cache=True)
     cache = getattr(out, "past_key_values", None)
@@ -115,8 +124,14 @@ def probe(model: Any, capacity: int, family: str) -> CacheLayout:
                 raise ExportError(f"{family} layer {i}: value head size {values.shape[-1]} differs from the key's "
                                   f"{keys.shape[-1]}; not supported")
             kvh, d = int(keys.shape[1]), int(keys.shape[3])
-            tensors.append(CacheTensor("key", i, 0, (kvh, capacity, d), _dtype(keys, f"{family} layer {i}")))
-            tensors.append(CacheTensor("value", i, 0, (kvh, capacity, d), _dtype(values, f"{family} layer {i}")))
+            # a sliding-window layer needs only its window, whatever the capacity: a ring (attention.ring)
+            # (W - 1 past keys: with the query's own that is the W keys transformers attends to, and what its
+            # DynamicSlidingWindowLayer keeps)
+            window = int(getattr(layer, "sliding_window", 0) or 0) if getattr(layer, "is_sliding", False) else 0
+            window = window if 1 < window <= capacity else 0
+            length = window - 1 if window else capacity
+            tensors.append(CacheTensor("key", i, 0, (kvh, length, d), _dtype(keys, f"{family} layer {i}"), window))
+            tensors.append(CacheTensor("value", i, 0, (kvh, length, d), _dtype(values, f"{family} layer {i}"), window))
             found = True
         for kind in ("conv", "recurrent"):
             held = getattr(layer, f"{kind}_states", None)

@@ -10,10 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ExportError
-from .layout import CacheLayout
+from .layout import CacheLayout, probe
 
 SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba", "bamba", "granitemoehybrid")
 HYBRID_FAMILIES = ("lfm2", "qwen3_next", "recurrent_gemma")
+
+
+def probe_layout(model: Any, capacity: int, family: str) -> CacheLayout:
+    """The family's cache layout: read off transformers' own cache (:func:`.layout.probe`), or, for
+    RecurrentGemma, which keeps its states on its modules and returns no cache, read off the modules."""
+    if family == "recurrent_gemma":
+        from .hybrid import probe_recurrent_gemma  # noqa: PLC0415
+
+        return probe_recurrent_gemma(model, capacity)
+    return probe(model, capacity, family)
 
 
 def prepare(model: Any, family: str, layout: CacheLayout) -> dict[str, Any]:

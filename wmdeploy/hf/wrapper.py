@@ -42,7 +42,7 @@ class StreamingCausalLM(torch.nn.Module):
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b, t = tokens.shape
         tensors = self.layout.tensors
-        ctx = StepContext(self.form, position, {})
+        ctx = StepContext(self.form, position, {}, rings=self.layout.rings)
         keys: dict[int, torch.Tensor] = {}
         for spec, value in zip(tensors, cache):
             if spec.kind == "key":
@@ -54,7 +54,7 @@ class StreamingCausalLM(torch.nn.Module):
             else:
                 ctx.recurrent[(spec.layer, spec.index)] = value
         end = position + t
-        if self.layout.has_attention and self.form == "gqa":
+        if self.layout.has_linear_kv and self.form == "gqa":
             ctx.seqlens_k = (end - 1).to(torch.int32)
             ctx.total_length = end.max().to(torch.int32)
         position_ids = position[:, None] + torch.arange(t, device=tokens.device)[None, :]

@@ -14,26 +14,8 @@ Needs ``tokenizers`` and ``jinja2`` (the ``wmdeploy[lm]`` extra); without them, 
 """
 from __future__ import annotations
 
-from typing import Any
-
-from ..errors import BackendError
-
-TOKENIZER_KEY = "wmdeploy.tokenizer"          # metadata_props: the tokenizer.json text (as wmdeploy.hf writes it)
-CHAT_TEMPLATE_KEY = "wmdeploy.chat_template"  # metadata_props: the Jinja chat template
-
-
-def require(module: str, what: str) -> Any:
-    """Import ``module`` (``tokenizers``, ``jinja2``) or raise one line naming the extra that installs it."""
-    import importlib  # noqa: PLC0415
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise BackendError(f"{what} needs the '{module}' package, which this install lacks: "
-                           "pip install 'wmdeploy[lm]'") from None
-
-
-from .chat_template import ChatTemplate  # noqa: E402
-from .tokenizer import HFTokenizer, IncrementalDecoder  # noqa: E402
+from ._require import CHAT_TEMPLATE_KEY, TOKENIZER_KEY, require
+from .chat_template import ChatTemplate
+from .tokenizer import HFTokenizer, IncrementalDecoder
 
 __all__ = ["CHAT_TEMPLATE_KEY", "ChatTemplate", "HFTokenizer", "IncrementalDecoder", "TOKENIZER_KEY", "require"]

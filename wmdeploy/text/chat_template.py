@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, Mapping, Sequence
 
 from ..errors import InputError, SpecError
-from . import require
+from ._require import require
 
 
 def _environment() -> Any:

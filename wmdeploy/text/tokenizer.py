@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import InputError, SpecError
-from . import CHAT_TEMPLATE_KEY, TOKENIZER_KEY, require
+from ._require import CHAT_TEMPLATE_KEY, TOKENIZER_KEY, require
 
 REPLACEMENT = "\ufffd"  # what a decode shows for the bytes of a character that has not fully arrived
 
