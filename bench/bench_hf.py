@@ -17,8 +17,10 @@ Rows (greedy decode, the next token fed back, every step timed on its own after 
 * GenAI: its generator, the same prompt, ``generate_next_token`` per step (its KV buffer is ``max_length``
   = 4096, shared by past and present).
 
-Every engine runs in its own process, one after the other (ONNX Runtime's intra-op threads spin after a run
-and would steal the cores from an engine timed after it in the same process), each with 2 intra-op threads.
+Every engine runs in its own process, one after the other, the engines alternating for ``--rounds`` rounds
+(ONNX Runtime's intra-op threads spin after a run and would steal the cores from an engine timed after it in
+the same process; the machine's speed drifts between minutes), each with 2 intra-op threads; a row is its
+median round.
 Ratios compare numbers of this run only. The CPU features used: fp32 only (AVX-512 FMA on this EPYC);
 no bf16/VNNI path is involved.
 """
@@ -183,6 +185,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "hf.json")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="each engine runs this many times, alternating")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the folder and files here (reused when present)")
     ap.add_argument("--no-genai", action="store_true", help="skip ONNX Runtime GenAI even when installed")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -207,13 +210,22 @@ def main() -> int:
         except ImportError:
             print("  onnxruntime-genai is not installed: no GenAI row (pip install onnxruntime-genai)", flush=True)
 
-    results: dict[str, Any] = {}
-    for cap in CAPACITIES:
-        results[f"wmdeploy_1_stream_cap{cap}"] = _run_worker("stream", str(files[cap]), str(args.steps))
-    results[f"wmdeploy_{args.streams}_streams_cap4096"] = _run_worker("pool", str(files[4096]), str(args.steps),
-                                                                     str(args.streams))
+    # the engines alternate, each run in a fresh process, --rounds times; per row the run of median speed
+    jobs: dict[str, tuple[str, ...]] = {f"wmdeploy_1_stream_cap{cap}": ("stream", str(files[cap]), str(args.steps))
+                                        for cap in CAPACITIES}
+    jobs[f"wmdeploy_{args.streams}_streams_cap4096"] = ("pool", str(files[4096]), str(args.steps), str(args.streams))
     if genai_dir is not None:
-        results["genai_1_stream_fp32"] = _run_worker("genai", str(genai_dir), str(args.steps))
+        jobs["genai_1_stream_fp32"] = ("genai", str(genai_dir), str(args.steps))
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in jobs}
+    for r in range(args.rounds):
+        for key, job in jobs.items():
+            runs[key].append(_run_worker(*job))
+        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.0f} tok/s"
+                                                            for k, v in runs.items()), flush=True)
+    results: dict[str, Any] = {}
+    for key, got in runs.items():
+        ordered = sorted(got, key=lambda x: x["tokens_per_s"])
+        results[key] = {**ordered[len(ordered) // 2], "rounds_tokens_per_s": [x["tokens_per_s"] for x in got]}
 
     one256, one4096 = results["wmdeploy_1_stream_cap256"], results["wmdeploy_1_stream_cap4096"]
     pool = results[f"wmdeploy_{args.streams}_streams_cap4096"]
@@ -243,7 +255,7 @@ def main() -> int:
         print(f"| {name:<66} | {ms:7.2f} | {r['tokens_per_s']:5.0f} | {bytes_per_token / (ms / 1e3) / 1e9:15.1f} |")
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
-    out = {"model": model, "steps": args.steps, "prompt": PROMPT, "threads": THREADS, "results": results,
+    out = {"model": model, "steps": args.steps, "rounds": args.rounds, "prompt": PROMPT, "threads": THREADS, "results": results,
            "ratios": ratios, "machine": platform.platform(), "cpus": os.cpu_count()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
