@@ -44,6 +44,15 @@ def build_tokenizer(vocab_size: int = 300) -> Any:
     return fast
 
 
+def tiny_qwen3(max_position_embeddings: int = 512) -> Any:
+    """A 2-layer Qwen3 config (hidden 64, 4 query / 2 KV heads of 16): the text and serving tests' model."""
+    from transformers import Qwen3Config  # noqa: PLC0415
+
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=max_position_embeddings)
+
+
 def save_folder(config: Any, path: Path, *, tokenizer: bool = True, seed: int = 0) -> Path:
     """Build a random-init causal LM from ``config`` (float32), save it and a tokenizer into ``path``."""
     import torch  # noqa: PLC0415

@@ -33,10 +33,7 @@ EOS_PROMPTS = ["東京 Numbers", "東京 assistant", "world \n", "hello world", 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_text")
-    config = transformers.Qwen3Config(vocab_size=_hf_folders.VOCAB, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      max_position_embeddings=512)
-    folder = _hf_folders.save_folder(config, root / "folder")
+    folder = _hf_folders.save_folder(_hf_folders.tiny_qwen3(), root / "folder")
     path = root / "lm.onnx"
     wmdeploy.export_hf(folder, path, max_context=MAX_CONTEXT)
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))

@@ -201,9 +201,12 @@ def serve_cmd(
     max_generate_tokens: int = typer.Option(4096, "--max-generate-tokens", help="largest max_tokens of one generation request (413 beyond)"),
     persist_ttl: Optional[float] = typer.Option(None, "--persist-ttl", help="seconds without a step before a persisted session is deleted (metric wmdeploy_expired_sessions_total) [default: kept]"),
     request_timeout: float = typer.Option(60.0, "--request-timeout", help="longest a request waits for the engine (503 beyond)"),
+    prompt_cache_mb: float = typer.Option(256.0, "--prompt-cache-mb", help="OpenAI routes: memory for the states of recent conversations (LRU; 0: off); with --persist they are shared there too"),
+    max_prefill_chunk: int = typer.Option(256, "--max-prefill-chunk", help="OpenAI routes: prompt tokens per engine step, so a new request holds other completions back for at most one such chunk"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
-    """Serve MODEL over HTTP: sessions with their own memory, batched; JSON API + KServe v2 (Triton sequences)."""
+    """Serve MODEL over HTTP: sessions with their own memory, batched; JSON API + KServe v2 (Triton sequences);
+    for a language model also the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from ..serve import ServeConfig, serve  # noqa: PLC0415  (fastapi/uvicorn only for this command)
 
     if max_batch < 1 or max_sessions < 1 or batch_window_ms < 0 or (session_ttl is not None and session_ttl <= 0):
@@ -214,5 +217,6 @@ def serve_cmd(
                       max_sessions=max_sessions, session_ttl=session_ttl, persist=persist, api_keys=tuple(api_key),
                       backend=backend, backend_options=precision_option(precision), threads=threads, max_request_bytes=max_request_bytes, max_chunk=max_chunk,
                       grpc_port=grpc_port, max_generate_tokens=max_generate_tokens, persist_ttl=persist_ttl,
-                      request_timeout=request_timeout),
+                      request_timeout=request_timeout, prompt_cache_mb=prompt_cache_mb,
+                      max_prefill_chunk=max_prefill_chunk),
           log_level=log_level)

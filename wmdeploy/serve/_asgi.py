@@ -22,6 +22,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger("wmdeploy.serve")
 OPEN_PATHS = ("/v2/health/",)  # probes must work without a key (load balancers, Kubernetes)
+OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/models")  # the OpenAI routes (openai_api)
 OWNER = "wmdeploy.owner"  # scope key: the tenant of the request ("" without --api-key), see sessions.scoped
 
 
@@ -39,8 +40,12 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-async def _reply(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
+async def _reply(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None,
+                 openai: bool = False) -> None:
+    # the OpenAI routes answer OpenAI's error object (its SDKs read error.message / error.type)
+    kind = "authentication_error" if status == 401 else "invalid_request_error"
+    error: Any = {"message": message, "type": kind, "param": None, "code": None} if openai else message
+    body = json.dumps({"error": error}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -82,7 +87,8 @@ class Guard:
                 await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong API key"})
                 return
             return await _reply(send, 401, "unauthorized: send the API key as 'Authorization: Bearer KEY' "
-                                           "or 'X-API-Key: KEY'", [(b"www-authenticate", b"Bearer")])
+                                           "or 'X-API-Key: KEY'", [(b"www-authenticate", b"Bearer")],
+                                openai=path.startswith(OPENAI_PATHS))
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
         for name, value in scope.get("headers", []):
@@ -90,7 +96,7 @@ class Guard:
                 self.metrics.request("too_large", method, 413, 0.0, False)
                 self.metrics.error("too_large")
                 return await _reply(send, 413, f"request body: {int(value)} bytes, the limit is {self.max_bytes} "
-                                               "(--max-request-bytes)")
+                                               "(--max-request-bytes)", openai=path.startswith(OPENAI_PATHS))
         seen, status, t0 = 0, [500], time.perf_counter()
 
         async def counted_receive() -> dict[str, Any]:

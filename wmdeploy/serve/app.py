@@ -28,6 +28,9 @@ from .batcher import Batcher
 from .jobs import StepJob
 from .generation_ws import register_generation
 from .metrics import Metrics
+from .openai_api import is_openai_path, openai_error, register_openai
+from .openai_schema import error_body
+from .prompt_cache import PromptCache, open_tier
 from .persist import PersistError
 from .store import LocalStore, SessionStore
 from .session_api import register_session_api
@@ -61,6 +64,8 @@ class ServeConfig:
     persist_ttl: float | None = None  # --persist: delete sessions this many seconds without a step; None: keep
     max_generate_tokens: int = 4096  # max_tokens of one generation request (413 beyond)
     grpc_port: int | None = None  # KServe v2 over gRPC beside HTTP (0: a free port); None: HTTP only
+    prompt_cache_mb: float = 256.0  # OpenAI routes: states of recent conversations kept (LRU); 0: no cache
+    max_prefill_chunk: int = 256  # OpenAI routes: prompt tokens per engine step of a new completion
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,11 @@ class ServeConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not (math.isfinite(value) and value > 0)):
                 raise bad(flag, value, "a positive, finite number of seconds")
+        if isinstance(self.prompt_cache_mb, bool) or not isinstance(self.prompt_cache_mb, (int, float)) or not (
+                math.isfinite(self.prompt_cache_mb) and self.prompt_cache_mb >= 0):
+            raise bad("--prompt-cache-mb", self.prompt_cache_mb, "a number of megabytes >= 0")
+        if not isinstance(self.max_prefill_chunk, int) or self.max_prefill_chunk < 1:
+            raise bad("--max-prefill-chunk", self.max_prefill_chunk, "a positive integer")
         if not isinstance(self.max_generate_tokens, int) or self.max_generate_tokens < 1:
             raise bad("--max-generate-tokens", self.max_generate_tokens, "a positive integer")
         for flag, value in (("--max-chunk", self.max_chunk), ("--max-queue", self.max_queue)):
@@ -188,17 +198,25 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
         code, kind = classify(exc, request.url.path)
         metrics.error(kind)
         headers = {"retry-after": "1"} if code in (429, 503) else None
+        if is_openai_path(request.url.path):  # OpenAI's error object, so its clients raise the right class
+            code, body = openai_error(exc, request.url.path)
+            return JSONResponse(body, status_code=code, headers=headers)
         return JSONResponse({"error": one_line(exc)}, status_code=code, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         metrics.error({404: "no_route", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}"))
-        return JSONResponse({"error": f"{request.url.path}: {exc.detail}"}, status_code=exc.status_code)
+        message = f"{request.url.path}: {exc.detail}"
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(message, exc.status_code), status_code=exc.status_code)
+        return JSONResponse({"error": message}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_params(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.error("invalid_input")
         where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+        if is_openai_path(request.url.path):
+            return JSONResponse(error_body(f"{request.url.path}: {where}", 400), status_code=400)
         return JSONResponse({"error": f"{request.url.path}: {where}"}, status_code=400)
 
     @app.exception_handler(Exception)
@@ -265,6 +283,16 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
 
     register_session_api(app, ctx)
     register_generation(app, ctx, model, config.max_generate_tokens)
+    if "tokens_input" in spec.meta and "logits_output" in spec.meta:  # a language model: OpenAI's API too
+        tier = open_tier(config.persist, name, config.persist_ttl) if config.persist is not None else None
+        cache = PromptCache(int(config.prompt_cache_mb * 2**20), tier)
+        app.state.prompt_cache = cache
+        metrics.gauge("wmdeploy_prompt_cache_bytes", "bytes of conversation states in the prompt cache (memory)",
+                      lambda: cache.bytes)
+        metrics.gauge("wmdeploy_prompt_cache_entries", "conversation states in the prompt cache (memory)",
+                      lambda: len(cache))
+        register_openai(app, ctx, model, name, cache, max_generate_tokens=config.max_generate_tokens,
+                        prefill_chunk=min(config.max_prefill_chunk, max_chunk))
 
     @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def prometheus() -> PlainTextResponse:

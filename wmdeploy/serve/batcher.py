@@ -353,12 +353,12 @@ class Batcher:
                 held = pool.state(sess.sid)
                 states = {name: np.array(held[self._state_of[name]]) for name in job.want_states}
             results.append((job, StepResult(outs, states, sess.steps)))
-            if table.log is not None:
+            if table.log is not None and job.key not in table.ephemeral:  # a request's own session: not stored
                 records.append((job.key, None if job.end else pool.snapshot(sess.sid)))
                 if job.start:  # from the initial state, not the stored one: no version to compare with
                     table.log.overwrite(job.key)
         persist_s, stale, redo = None, set[str](), list[StepJob]()
-        if table.log is not None:
+        if table.log is not None and records:
             t1 = time.perf_counter()
             try:  # one write + one fsync (or one Redis round trip) for the whole batch, before any answer
                 stale = table.log.append(records) or set()

@@ -54,6 +54,12 @@ class Metrics:
         self.persist_seconds = _Histogram(SECONDS_BUCKETS)
         self.request_seconds = _Histogram(SECONDS_BUCKETS)
         self.restores = 0
+        # the OpenAI routes: completions by route and finish reason, tokens in/out/cached, and latencies
+        self.completions: dict[tuple[tuple[str, str], ...], int] = {}
+        self.lm_tokens = {"prompt": 0, "completion": 0, "cached": 0}
+        self.first_token_seconds = _Histogram(SECONDS_BUCKETS)
+        self.inter_token_seconds = _Histogram(SECONDS_BUCKETS)
+        self.completion_seconds = _Histogram(SECONDS_BUCKETS + (10.0, 30.0, 60.0))
         self.expirations = 0  # persisted sessions deleted by --persist-ttl
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -87,6 +93,20 @@ class Metrics:
             self.compute_seconds.observe(compute_s)
             if persist_s is not None:
                 self.persist_seconds.observe(persist_s)
+
+    def completion(self, route: str, finish: str, prompt: int, completion: int, cached: int,
+                   first_token_s: float | None, gaps_s: list[float], seconds: float) -> None:
+        key = (("route", route), ("finish_reason", finish))
+        with self._lock:
+            self.completions[key] = self.completions.get(key, 0) + 1
+            self.lm_tokens["prompt"] += prompt
+            self.lm_tokens["completion"] += completion
+            self.lm_tokens["cached"] += cached
+            if first_token_s is not None:
+                self.first_token_seconds.observe(first_token_s)
+            for gap in gaps_s:
+                self.inter_token_seconds.observe(gap)
+            self.completion_seconds.observe(seconds)
 
     def evicted(self, reason: str) -> None:
         with self._lock:
@@ -144,6 +164,19 @@ class Metrics:
             histogram("wmdeploy_persist_seconds", "writing a batch's snapshots to the state log (one fsync)",
                       self.persist_seconds)
             histogram("wmdeploy_step_request_seconds", "a step request, received to answered", self.request_seconds)
+            family("wmdeploy_completions_total", "counter", "OpenAI completions answered, by route and finish reason")
+            for key, n in sorted(self.completions.items()):
+                out.append(f"wmdeploy_completions_total{_labels(key)} {n}")
+            family("wmdeploy_completion_tokens_total", "counter", "tokens of OpenAI completions: prompt (of which "
+                   "cached: reused from the prompt cache, not prefilled) and completion")
+            for kind, n in self.lm_tokens.items():
+                out.append(f'wmdeploy_completion_tokens_total{{kind="{kind}"}} {n}')
+            histogram("wmdeploy_time_to_first_token_seconds", "an OpenAI completion, received to its first token",
+                      self.first_token_seconds)
+            histogram("wmdeploy_inter_token_seconds", "between two tokens of an OpenAI completion",
+                      self.inter_token_seconds)
+            histogram("wmdeploy_completion_seconds", "an OpenAI completion, received to its last token",
+                      self.completion_seconds)
         for name, (help_text, read) in self.gauges.items():
             family(name, "gauge", help_text)
             out.append(f"{name} {read():.9g}")

@@ -98,6 +98,9 @@ class SessionTable:
         self.pool = model.pool(capacity)
         self.live: OrderedDict[str, Session] = OrderedDict()
         self.forgotten: OrderedDict[str, str] = OrderedDict()
+        # sessions of one request (an OpenAI completion): resident only, never written to the store, never
+        # evicted or listed; opened with open_ephemeral and closed with close_ephemeral by their request
+        self.ephemeral: set[str] = set()
 
     # ---- lookups ------------------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
@@ -137,7 +140,7 @@ class SessionTable:
             return
         now = time.monotonic()
         for key, sess in self.live.items():  # oldest first
-            if key in busy:
+            if key in busy or key in self.ephemeral:  # a request in flight holds its ephemeral session
                 continue
             # a shared store holds every session: a resident copy is only a cache (and may be a stale copy
             # of a session that another replica deleted), so the least recently used one can always go
@@ -201,12 +204,12 @@ class SessionTable:
             self.pool.trim()
             return 0
         cutoff, n = time.monotonic() - self.ttl, 0
-        while self.live:
-            key, sess = next(iter(self.live.items()))
+        for key, sess in list(self.live.items()):  # oldest first
             if sess.last_used > cutoff:
                 break
-            self.evict(key, "ttl")
-            n += 1
+            if key not in self.ephemeral:  # its request closes it (a generation never idles that long)
+                self.evict(key, "ttl")
+                n += 1
         self.pool.trim()
         return n
 
@@ -217,6 +220,8 @@ class SessionTable:
 
     def _sync(self, key: str) -> None:
         """A shared store: drop the resident copy if another replica has moved the session on since."""
+        if key in self.ephemeral:
+            return  # only here, never in the store
         if self.log is not None and self.log.shared and key in self.live and not self.log.current(key):
             self.drop_resident(key)
 
@@ -236,6 +241,19 @@ class SessionTable:
             self.drop_resident(key)
             raise exists
         return self.info(key)
+
+    def open_ephemeral(self, key: str, snapshot: bytes | None = None) -> Session:
+        """A session for one request, from ``snapshot`` (a prompt-cache hit) or the initial state: resident
+        only (steps are not persisted), 429 at ``--max-sessions`` like any other session."""
+        if key in self.live:
+            raise SessionExists(f"session '{display(key)}': already exists")
+        sess = self._join(key, snapshot, {key})
+        self.ephemeral.add(key)
+        return sess
+
+    def close_ephemeral(self, key: str) -> None:
+        self.ephemeral.discard(key)
+        self.drop_resident(key)
 
     def start(self, key: str, busy: set[str]) -> Session:
         """A sequence (re)start: the initial state, whatever was there before (no state leaks)."""
@@ -292,5 +310,5 @@ class SessionTable:
             every = [k for k in self.live if k in known] + [k for k in stored if k not in self.live]
         else:
             on_disk = [] if self.log is None else [k for k in self.log.keys() if k not in self.live]
-            every = list(self.live) + on_disk
+            every = [k for k in self.live if k not in self.ephemeral] + on_disk
         return every if owner is None else [display(k) for k in every if owner_of(k) == owner]
