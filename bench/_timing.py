@@ -24,3 +24,17 @@ def interleaved(methods: dict[str, Callable[[], Any]], rounds: int, per_round: i
                 fn()
                 bucket.append(clock() - t0)
     return {k: {"p50": statistics.median(v), "p90": float(np.percentile(v, 90)), "n": len(v)} for k, v in times.items()}
+
+
+def write_results(path: "Any", out: dict[str, Any]) -> int:
+    """Write a bench's JSON (with the machine it ran on) and say where; the scripts' exit code."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**out, "machine": platform.platform(), "cpus": os.cpu_count()}, indent=2))
+    print(f"wrote {path}")
+    return 0

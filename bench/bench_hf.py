@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from _timing import write_results  # noqa: E402
 PROMPT = 64          # the context a decode step starts from
 POOL_SPREAD = 8      # stream i of the pool holds PROMPT + POOL_SPREAD * i tokens before the timed steps
 THREADS = 2
@@ -80,10 +82,11 @@ def export_files(folder: Path, out: Path) -> dict[int, Path]:
     return files
 
 
-def build_genai(folder: Path, out: Path) -> Path | None:
+def build_genai(folder: Path, out: Path, precision: str = "fp32") -> Path | None:
+    """GenAI's builder on ``folder`` (``-p fp32`` or ``int4``, its own defaults otherwise), in its own process."""
     if (out / "genai_config.json").is_file():
         return _genai_settings(out)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out), "-p", "fp32",
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out), "-p", precision,
            "-e", "cpu", "--extra_options", "hf_token=false"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -255,12 +258,8 @@ def main() -> int:
         print(f"| {name:<66} | {ms:7.2f} | {r['tokens_per_s']:5.0f} | {bytes_per_token / (ms / 1e3) / 1e9:15.1f} |")
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
-    out = {"model": model, "steps": args.steps, "rounds": args.rounds, "prompt": PROMPT, "threads": THREADS, "results": results,
-           "ratios": ratios, "machine": platform.platform(), "cpus": os.cpu_count()}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.json}")
-    return 0
+    return write_results(args.json, {"model": model, "steps": args.steps, "rounds": args.rounds, "prompt": PROMPT,
+                                     "threads": THREADS, "results": results, "ratios": ratios})
 
 
 if __name__ == "__main__":

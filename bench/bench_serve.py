@@ -135,7 +135,16 @@ def main() -> None:
     ap.add_argument("--json", default="bench/results/serve.json")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (ceiling, every wire at 64 x 8)")
     ap.add_argument("--serve-args", default="", help="extra `wmdeploy serve` flags, e.g. '--batch-window-ms 10'")
-    args = ap.parse_args()
+    ap.add_argument("--openai", action="store_true", help="the OpenAI rows instead (bench_openai.py: a language "
+                                                          "model, 32 concurrent chat streams, multi-turn caching)")
+    args, rest = ap.parse_known_args()
+    if args.openai:
+        import bench_openai  # noqa: PLC0415
+
+        sys.argv = [sys.argv[0], *rest]
+        sys.exit(bench_openai.main())
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     model = args.model
     if model is None:

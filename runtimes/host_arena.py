@@ -47,6 +47,9 @@ class Plan:
     view: tuple[int, int, int] | None
     idx: np.ndarray | None = None
     scratch: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+    # a contiguous range whose ping-pong states have mixed parities: in-place states bound as views, only the
+    # ping-pong ones gathered (``scratch`` holds the arena views at the in-place states' places)
+    mixed: tuple[int, int] | None = None
 
 
 class HostArena(StateArena):
@@ -129,18 +132,29 @@ class HostArena(StateArena):
             self.write([dst], self.read([src]))
 
     # ---- stepping -------------------------------------------------------------------------------------
+    #: engines whose binding takes a :attr:`Plan.mixed` plan (ONNX Runtime's CPU arena) set this
+    supports_mixed = False
+
     def plan(self, slots: Slots) -> Plan:
         if isinstance(slots, range) and len(slots) and slots.step == 1:
             lo, hi = slots.start, slots.stop
             p = int(self.parity[lo])
-            if hi - lo == 1 or (self.parity[lo:hi] == p).all():
-                ok = self._contiguous.get((lo, hi))
-                if ok is None:  # the same for both buffers and every parity: worked out once per slot range
-                    ok = self._contiguous[(lo, hi)] = all(v.flags.c_contiguous for v in self.views_of(p, lo, hi))
-                    if len(self._contiguous) > 4 * _MAX_SCRATCH:
-                        self._contiguous.pop(next(iter(self._contiguous)))
-                if ok:
-                    return Plan((p, lo, hi))
+            ok = self._contiguous.get((lo, hi))
+            if ok is None:  # the same for both buffers and every parity: worked out once per slot range
+                ok = self._contiguous[(lo, hi)] = all(v.flags.c_contiguous for v in self.views_of(p, lo, hi))
+                if len(self._contiguous) > 4 * _MAX_SCRATCH:
+                    self._contiguous.pop(next(iter(self._contiguous)))
+            if ok and (hi - lo == 1 or (self.parity[lo:hi] == p).all()):
+                return Plan((p, lo, hi))
+            if ok and self.supports_mixed and any(s.inplace for s in self.states):
+                # streams that stepped different numbers of times: gathering their KV caches would copy every
+                # row's whole capacity per step; only the small ping-pong states (the position) are gathered
+                idx = self.slots_array(slots)
+                ins, outs = self.scratch(len(idx))
+                views = self.views_of(0, lo, hi)
+                both = ([v if s.inplace else b for s, v, b in zip(self.states, views, ins)],
+                        [v if s.inplace else b for s, v, b in zip(self.states, views, outs)])
+                return Plan(None, idx, both, mixed=(lo, hi))
         idx = self.slots_array(slots)
         return Plan(None, idx, self.scratch(len(idx)))
 
@@ -164,8 +178,9 @@ class HostArena(StateArena):
 
     def gather_into(self, plan: Plan) -> None:
         assert plan.idx is not None and plan.scratch is not None
-        for i in range(len(self.states)):
-            self.gather(i, plan.idx, out=plan.scratch[0][i])
+        for i, s in enumerate(self.states):
+            if not (plan.mixed and s.inplace):  # a mixed plan's in-place states are the arena's own views
+                self.gather(i, plan.idx, out=plan.scratch[0][i])
 
     def finish(self, plan: Plan) -> None:
         """After a successful run: the written buffer becomes live (view) or is scattered back (gather)."""
@@ -178,8 +193,9 @@ class HostArena(StateArena):
                 self.parity[plan.idx] ^= 1
             else:  # either buffer may take it: slot 0's, so that mixed parities heal and views come back
                 self.parity[plan.idx] = self.parity[0]
-            for i in range(len(self.states)):
-                self.scatter(i, plan.idx, plan.scratch[1][i])
+            for i, s in enumerate(self.states):
+                if not (plan.mixed and s.inplace):  # written where it lives
+                    self.scatter(i, plan.idx, plan.scratch[1][i])
 
     # ---- undo (base.StateArena.checkpoint): the old state stays in the other buffer ---------------------
     def checkpoint(self, slots: Slots) -> Any:

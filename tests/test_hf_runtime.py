@@ -12,7 +12,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import wmdeploy  # noqa: E402
-from wmdeploy.errors import ContextLengthError, ExportError, InputError  # noqa: E402
+from wmdeploy import snapshot  # noqa: E402
+from wmdeploy.contract import StreamingSpec  # noqa: E402
+from wmdeploy.errors import ContextLengthError, ExportError, InputError, SnapshotError  # noqa: E402
 
 from ._hf_folders import VOCAB, save_folder  # noqa: E402
 
@@ -153,6 +155,26 @@ def test_a_snapshot_carries_cache_and_position_and_resumes_bit_for_bit(exported,
     for i in range(4):
         assert np.array_equal(resumed.step(**_tok(ids[2, 11 + i:12 + i]))["logits"], expect[i])
         assert np.array_equal(pool.step({sid: _tok(ids[2, 11 + i:12 + i])})[sid]["logits"], expect[i])
+    # the KV caches are stored up to the position only: 11 of 32 rows (the size follows the context)
+    kv = sum(st.bytes_per_stream for st in model.spec.states if st.inplace)
+    assert len(blob) < 0.4 * kv and len(model.stream().snapshot()) < 2000
+    assert len(pool.snapshot(sid)) > len(blob)  # 15 rows now
+
+
+def test_a_trimmed_snapshot_is_checked_like_any_other(exported, reference):
+    ids, _ = reference
+    model = wmdeploy.load(exported.path)
+    s = model.stream()
+    s.step(**_tok(ids[0, :5]))
+    header, _ = snapshot.read_header(s.snapshot())
+    kv = [e for e in header["states"] if "axis" in e]
+    assert kv and all(e["axis"] == 2 and e["extent"] == CAPACITY and e["shape"][2] == 5 for e in kv)
+    data = model.spec.to_dict()  # the same layout without meta.context_axes: it does not allow trimming
+    data["meta"] = {k: v for k, v in data["meta"].items() if k != "context_axes"}
+    other = StreamingSpec.from_dict(data)
+    assert other.layout_hash() == model.spec.layout_hash()
+    with pytest.raises(SnapshotError, match="trimmed on axis 2"):
+        snapshot.loads(other, s.snapshot())
 
 
 def test_the_portable_form_gives_the_same_numbers_and_ping_pongs(folder, exported, tmp_path, reference):

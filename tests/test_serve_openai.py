@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import re
 import shutil
+import time
 
 import pytest
 
@@ -259,13 +260,19 @@ def test_at_capacity_a_completion_is_429(lm):
         srv.stop()
 
 
-def test_an_ssm_model_reuses_its_state_across_turns(tmp_path):
+@pytest.fixture(scope="module")
+def mamba(tmp_path_factory):
+    """A Mamba file: constant memory, no context bound (a completion can run as long as max_tokens says)."""
+    root = tmp_path_factory.mktemp("openai_mamba")
     config = transformers.MambaConfig(vocab_size=_hf_folders.VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2,
                                       intermediate_size=64, conv_kernel=4, time_step_rank=4)
-    folder = _folder(tmp_path / "mamba", config)
-    path = tmp_path / "mamba.onnx"
-    wmdeploy.export_hf(folder, path)
-    model = wmdeploy.load(path)
+    path = root / "mamba.onnx"
+    wmdeploy.export_hf(_folder(root / "mamba", config), path)
+    return path, wmdeploy.load(path)
+
+
+def test_an_ssm_model_reuses_its_state_across_turns(mamba):
+    path, model = mamba
     warm = ThreadServer(ServeConfig(path, name="m"), model)
     cold = ThreadServer(ServeConfig(path, name="m", prompt_cache_mb=0), model)
     try:
@@ -295,3 +302,28 @@ def test_a_replica_finds_the_conversation_another_one_computed(lm, tmp_path):
         redis_srv.kill()
     assert two.usage.prompt_tokens_details.cached_tokens >= one.usage.prompt_tokens
     assert two.choices[0].message.content == _reference(lm, second, 8)
+
+
+def test_a_stream_the_client_drops_frees_its_session_at_once(mamba):
+    # a million tokens: no context bound, and greedy decoding of this model never samples eos (checked below)
+    srv = ThreadServer(ServeConfig(mamba[0], name="m", max_sessions=1, max_generate_tokens=10**6), mamba[1])
+    try:
+        client = _client(srv, "x")
+        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}],
+                                                max_tokens=10**6, temperature=0, stream=True)
+        next(iter(stream))  # the role chunk: the completion holds the only session slot now
+        stream.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the engine drops it at its next round
+            live = re.search(r"^wmdeploy_live_sessions (\S+)", httpx.get(srv.url + "/metrics").text, re.M)
+            if float(live.group(1)) == 0:
+                break
+            time.sleep(0.05)
+        assert float(live.group(1)) == 0
+        # it was cancelled, not finished: no completion was answered in full
+        assert "wmdeploy_completions_total{" not in httpx.get(srv.url + "/metrics").text
+        again = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=2)
+        assert again.choices[0].finish_reason in ("stop", "length")
+    finally:
+        srv.stop()

@@ -10,7 +10,9 @@ Format (version 1), all integers little-endian::
     16      H     header, UTF-8 JSON:
                     {"layout": spec.layout_hash(),
                      "states": [{"name", "dtype" (numpy str, e.g. "<f4"), "shape" (batch = b, the same b for all),
-                                 "offset" (from the start of the tensor block), "nbytes"}, ...],
+                                 "offset" (from the start of the tensor block), "nbytes",
+                                 "axis"?, "extent"? (a KV cache stored up to the stream's position on
+                                 that axis; zero-padded back to extent on load)}, ...],
                      "meta": {...}}          # free-form, e.g. {"steps": 12}
     16+H    N     tensor block: each state's raw bytes, C order, little-endian, in header order
     end-32  32    SHA-256 of every byte before it
@@ -39,17 +41,38 @@ _PREFIX = struct.Struct("<8sHHI")
 _DIGEST = 32
 
 
-def dumps(spec: StreamingSpec, states: Mapping[str, np.ndarray], meta: dict[str, Any] | None = None) -> bytes:
-    """Serialise one stream's states (each at the same batch ``b``, usually 1, as the spec shapes them)."""
+def context_axes(spec: StreamingSpec, inplace_only: bool = False) -> dict[str, int]:
+    """States whose ``axis`` holds one row per context position, masked past the stream's position
+    (``meta.context_axes``, written by ``export hf:``): a snapshot may keep only the rows a stream holds, and
+    the rest is restored as zeros. Snapshots are written trimmed for in-place states only (the portable form's
+    snapshots stay whole, as other runtimes read them) and read trimmed into either form."""
+    axes = spec.meta.get("context_axes") or {}
+    return {s.name: int(axes[s.name]) for s in spec.states
+            if isinstance(axes.get(s.name), int) and (s.inplace or not inplace_only)}
+
+
+def dumps(spec: StreamingSpec, states: Mapping[str, np.ndarray], meta: dict[str, Any] | None = None,
+          live: int | None = None) -> bytes:
+    """Serialise one stream's states (each at the same batch ``b``, usually 1, as the spec shapes them).
+
+    ``live``: the positions the stream holds; a KV cache written in place (:func:`context_axes`) is stored up
+    to there only, so a snapshot's size follows the context, not the capacity (entry fields ``axis`` and
+    ``extent``: the full length it is padded back to on load)."""
     entries, chunks, offset = [], [], 0
     batch = np.shape(states[spec.states[0].name])[spec.states[0].batch_axis] if spec.states else 1
+    trim = context_axes(spec, inplace_only=True) if live is not None else {}
     for s in spec.states:
         arr = np.ascontiguousarray(states[s.name], dtype=s.np_dtype.newbyteorder("<"))
         if arr.shape != s.shape_for(batch):
             raise SnapshotError(f"state '{s.name}': shape {list(arr.shape)}, expected {list(s.shape_for(batch))}")
+        extra: dict[str, int] = {}
+        if s.name in trim and live is not None and 0 <= live < arr.shape[trim[s.name]]:
+            axis = trim[s.name]
+            extra = {"axis": axis, "extent": arr.shape[axis]}
+            arr = np.ascontiguousarray(arr[(slice(None),) * axis + (slice(0, live),)])
         raw = arr.tobytes()
         entries.append({"name": s.name, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
-                        "nbytes": len(raw)})
+                        "nbytes": len(raw), **extra})
         chunks.append(raw)
         offset += len(raw)
     header = json.dumps({"layout": spec.layout_hash(), "states": entries, "meta": meta or {}},
@@ -106,14 +129,27 @@ def loads(spec: StreamingSpec, blob: bytes | bytearray | memoryview) -> dict[str
             raise SnapshotError(f"snapshot: state '{s.name}' has a malformed entry ({exc})") from None
         if batch is None and len(shape) == len(s.shape):
             batch = shape[s.batch_axis]
-        if dtype.newbyteorder("=") != s.np_dtype or batch is None or batch < 1 or shape != s.shape_for(batch):
+        want = s.shape_for(batch) if batch is not None else None
+        axis = e.get("axis")
+        if axis is not None and want is not None:  # a KV cache stored up to the stream's position
+            if context_axes(spec).get(s.name) != axis or e.get("extent") != want[axis] or len(shape) != len(want) \
+                    or not 0 <= shape[axis] <= want[axis]:
+                raise SnapshotError(f"snapshot: state '{s.name}' is stored trimmed on axis {axis} to "
+                                    f"{list(shape)}; this model's state is {as_shape(s.shape)} and not trimmable there")
+            want = want[:axis] + (shape[axis],) + want[axis + 1:]
+        if dtype.newbyteorder("=") != s.np_dtype or batch is None or batch < 1 or shape != want:
             raise SnapshotError(f"snapshot: state '{s.name}' is {dtype} {list(shape)}, "
                                 f"expected {s.dtype} {as_shape(s.shape)}")
-        if nbytes != s.bytes_per_stream * batch or offset < 0 or offset + nbytes > len(block):
+        if nbytes != int(np.prod(shape)) * dtype.itemsize or offset < 0 or offset + nbytes > len(block):
             raise SnapshotError(f"snapshot: state '{s.name}' spans bytes {offset}..{offset + nbytes} "
                                 f"of a {len(block)}-byte tensor block")
         arr = np.frombuffer(block, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
-        out[s.name] = arr.astype(s.np_dtype, copy=True)  # native byte order, owned, writeable
+        if axis is not None:  # the rows past the position are masked: zeros restore them exactly enough
+            full = np.zeros(s.shape_for(batch), dtype=s.np_dtype)
+            full[(slice(None),) * axis + (slice(0, shape[axis]),)] = arr
+            out[s.name] = full
+        else:
+            out[s.name] = arr.astype(s.np_dtype, copy=True)  # native byte order, owned, writeable
     return out
 
 

@@ -4,7 +4,6 @@ Torch-free: numpy + a backend from :mod:`wmdeploy.runtimes` (ONNX Runtime on CPU
 ``StreamPool`` own the state's *lifecycle* (fresh, reset, snapshot, restore, join, leave); the backend
 owns the state's *memory* (a :class:`~wmdeploy.runtimes.base.StateArena`) and advances it in place, so
 neither class ever looks inside a backend, and state reaches Python only for ``state`` and snapshots.
-
 Pool inputs carry a batch axis of size 1, as ``Stream.step`` takes them for a one-stream ``Stream``.
 
 Chunks of different lengths in one pool step: the pool groups the stepping streams by the shapes of
@@ -13,7 +12,7 @@ input, so padded steps would run through the recurrence and change the state). T
 engine call per extra distinct length (``bench/bench_runtime.py``). Within one call streams never mix.
 
 Language models with a context bound (``meta.max_context``, ``export hf:``) carry each stream's position:
-a step that would pass the capacity is refused before any engine call (``ContextLengthError``).
+a step past the capacity is refused before any engine call (``ContextLengthError``); snapshots: KV to there.
 
 Memory follows the live streams: a pool's ``capacity`` is a limit (``None``: none), not an allocation.
 Its arena grows geometrically (x2) when a stream joins a full arena, and shrinks (to twice the live
@@ -176,7 +175,8 @@ class Stream:
 
     def snapshot(self) -> bytes:
         """The working memory as self-checking bytes; resume with ``model.stream(snapshot=...)``."""
-        return _snap.dumps(self.spec, self._arena.read(self._slots), {"steps": self.steps})
+        return _snap.dumps(self.spec, self._arena.read(self._slots), {"steps": self.steps},
+                           int(self._pos.max()) if self._bound is not None else None)
 
     def __repr__(self) -> str:
         return f"Stream(batch={self.batch}, steps={self.steps})"
@@ -350,7 +350,8 @@ class StreamPool:
 
     def snapshot(self, sid: int) -> bytes:
         """The stream's working memory, in the same format as ``Stream.snapshot`` (batch 1)."""
-        return _snap.dumps(self.spec, self._arena.read([self._slot_of(sid)]), {"steps": self._steps[sid]})
+        return _snap.dumps(self.spec, self._arena.read([self._slot_of(sid)]), {"steps": self._steps[sid]},
+                           self._pos[sid] if self._bound else None)
 
     # ---- stepping -------------------------------------------------------------------------------------
     def step(self, requests: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, np.ndarray]]:

@@ -98,6 +98,10 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
         # ORT's GroupQueryAttention refuses a multi-token call of several rows with a past: the pool and a
         # lock-step Stream run such steps one row per call (streams at position 0 still batch)
         meta["prefill_batch"] = "fresh"
+    if layout.has_linear_kv:
+        # capacity-long KV caches hold one row per position on axis 2, masked past it: snapshots of the in-place
+        # form keep only the live rows, and either form reads them (snapshot.context_axes)
+        meta["context_axes"] = {t.input_name: 2 for t in layout.tensors if t.kind in ("key", "value") and not t.window}
     forward_kwargs = prepare(model, found.family, layout)
     attn.register()
     model.config._attn_implementation = attn.IMPLEMENTATION

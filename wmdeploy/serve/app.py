@@ -130,9 +130,27 @@ def open_store(persist: str | Path, namespace: str, ttl_s: float | None = None) 
     return LocalStore(Path(persist))
 
 
+def _engine_options(config: ServeConfig) -> dict[str, Any]:
+    """The backend options, plus ``spinning=False`` for ONNX Runtime backends (unless given): the server's event
+    loop and generation threads need the cores between engine runs, which spinning intra-op threads hold."""
+    import inspect  # noqa: PLC0415
+
+    from ..runtimes import select  # noqa: PLC0415
+
+    options = dict(config.backend_options)
+    try:
+        cls, _ = select(config.backend, "cpu")  # the device load() gets below
+    except WmdeployError:
+        return options  # load() says why, with the backend's own message
+    params = inspect.signature(cls.__init__).parameters
+    if "spinning" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        options.setdefault("spinning", False)
+    return options
+
+
 def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
     """Load the model, open ``--persist``, start the engine thread, and return the ASGI app."""
-    model = model or load(config.model, backend=config.backend, threads=config.threads, **config.backend_options)
+    model = model or load(config.model, backend=config.backend, threads=config.threads, **_engine_options(config))
     spec, name = model.spec, config.model_name
     metrics = Metrics()
     # a directory (this process's log) or redis://HOST:PORT/DB (shared by replicas of this model name)

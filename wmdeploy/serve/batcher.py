@@ -73,6 +73,7 @@ class Batcher:
         self._expire_after = 0.0  # monotonic time of the next persisted-session expiry pass
         self._engine_ok = False  # the engine has run a step: a later lone failure is that step's input
         self._state_of = {s.output: s.name for s in table.model.spec.states}
+        self.generations: Any = None  # decode_loop.Generations: completions this thread drives (OpenAI routes)
 
     # ---- event-loop side ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -161,30 +162,38 @@ class Batcher:
             last_sweep = time.monotonic()
             while True:
                 sweeps = self.table.ttl is not None or self.persist_ttl is not None
-                job = self._next(_SWEEP_EVERY_S if sweeps else None)
+                gens = self.generations if self.generations is not None and len(self.generations) else None
+                job = self._next(0 if gens is not None else _SWEEP_EVERY_S if sweeps else None)
                 if time.monotonic() - last_sweep >= _SWEEP_EVERY_S:
                     last_sweep = time.monotonic()
                     self._guard(self.table.sweep)
                     self._guard(self._expire)
                 if job is _STOP:
                     return  # every job queued before stop() has been run: FIFO
-                if job is None:
+                if job is None and gens is None:
                     continue
                 if isinstance(job, CallJob):
                     self._run_call(job)
                     continue
-                batch = self._gather(job)
+                batch = self._gather(job) if job is not None else []
+                # every active completion steps in this round too (its next prefill chunk or sampled token)
+                extra = gens.jobs({j.key for j in batch}) if gens is not None else []
                 try:
-                    self._run_batch(batch)
+                    self._run_batch(batch + extra)
                 except Exception as exc:  # noqa: BLE001  (one bad batch must not stop the engine)
-                    self._batch_failed(batch, exc)
+                    self._batch_failed(batch + extra, exc)
+                if extra:
+                    self._guard(lambda: gens.after(extra))
         finally:
+            if self.generations is not None:
+                self._guard(lambda: self.generations.close_all(Overloaded("server: shutting down")))
             self._close_queue()  # also when something escaped above: nobody is left waiting
 
     def _gather(self, job: StepJob) -> list[StepJob]:
         batch = {job.key: job}
         deadline = time.monotonic() + self.window_s
-        expect = self.table.active_count(ACTIVE_S)
+        # completions step by themselves each round: wait only for the sessions whose clients send steps
+        expect = self.table.active_count(ACTIVE_S) - (len(self.generations) if self.generations is not None else 0)
         while len(batch) < self.max_batch and len(batch) < expect:
             nxt = self._next(deadline - time.monotonic())
             if nxt is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +23,12 @@ from ..generation import language_model_info
 from ..streaming import Model
 from ._asgi import OPENAI_PATHS, OWNER
 from ._common import Ctx, classify, one_line, parse_json
-from .jobs import Gate
-from .openai_generation import Completion, CompletionResult, prompt_ids
+from .decode_loop import Generations
+from .openai_generation import CompletionResult, EngineCompletion, prompt_ids
 from .openai_schema import CHAT, COMPLETION, CompletionRequest, OpenAIError, error_body, parse_request
 from .prompt_cache import PromptCache
 
-WORKERS = 64  # completions running at once (each thread mostly waits for the engine); --max-sessions bounds more
+WORKERS = 8  # tokenizing and prompt-cache look-ups; the completions themselves run on the engine thread
 
 
 def is_openai_path(path: str) -> bool:
@@ -46,8 +45,11 @@ def openai_error(exc: BaseException, path: str) -> tuple[int, dict[str, Any]]:
 
 def register_openai(app: FastAPI, ctx: Ctx, model: Model, name: str, cache: PromptCache, *,
                     max_generate_tokens: int, prefill_chunk: int) -> None:
-    workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="wmdeploy-openai")
+    workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="wmdeploy-openai")  # tokenizing, cache look-ups
     metrics = ctx.metrics
+    lm_spec = model.spec.meta
+    generations = Generations(ctx.table, lm_spec["tokens_input"], lm_spec["logits_output"], cache, ctx.check)
+    ctx.batcher.generations = generations
     created = int(time.time())
 
     def info() -> Any:
@@ -79,29 +81,28 @@ def register_openai(app: FastAPI, ctx: Ctx, model: Model, name: str, cache: Prom
         check_model(req)
         lm = info()
         loop = asyncio.get_running_loop()
+        owner = request.scope.get(OWNER, "")
         ids = await loop.run_in_executor(workers, prompt_ids, req, lm)
-        job = Completion(ctx, cache, lm, request.scope.get(OWNER, ""), prefill_chunk, max_generate_tokens, Gate())
-        run = _Run(job, req, ids, started, loop, ctx.batcher.deadline_s)
-        run.future = loop.run_in_executor(workers, run.work)
-        what, value = await run.queue.get()  # "opened", or the error that refused the request: a real status
-        if what == "error":
-            raise value
+        hit = await loop.run_in_executor(workers, cache.lookup, owner, ids, len(ids))  # a shared store: I/O
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        limit = min(req.max_tokens or max_generate_tokens, max_generate_tokens)
+        gen = EngineCompletion(req, ids, hit, lm, owner, limit, prefill_chunk,
+                               lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), _no_keep, started)
+        await ctx.batcher.call(generations.add, gen, owner)  # 429 here when every session slot is taken
         rid = ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex
         route = "/v1/chat/completions" if kind == CHAT else "/v1/completions"
         if req.stream:
-            return StreamingResponse(_events(run, rid, name, route, metrics), media_type="text/event-stream",
+            return StreamingResponse(_events(gen, queue, rid, name, route, metrics), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
         try:
             while True:
-                what, value = await run.queue.get()
-                if what == "piece":
-                    run.credits.release()
-                elif what == "error":
+                what, value = await queue.get()
+                if what == "error":
                     raise value
-                else:
+                if what == "done":
                     break
         finally:
-            job.gate.close("the request ended")
+            gen.gate.close("the request ended")  # a client gone mid-request: the engine drops it next round
         res: CompletionResult = value
         _observe(metrics, route, res, started)
         return JSONResponse(_full(kind, rid, name, res))
@@ -147,45 +148,8 @@ def _chunk(kind: str, rid: str, name: str, created: int, piece: str | None, fini
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-class _Run:
-    """The worker side of one request: open, then run; what it produces goes through ``queue`` (backpressure:
-    at most ``AHEAD`` pieces not yet taken; a client that takes nothing for the deadline is dropped)."""
-
-    AHEAD = 64
-
-    def __init__(self, job: Completion, req: CompletionRequest, ids: list[int], started: float,
-                 loop: asyncio.AbstractEventLoop, deadline_s: float) -> None:
-        self.job, self.req, self.ids, self.started, self.loop, self.deadline_s = job, req, ids, started, loop, deadline_s
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.credits = threading.Semaphore(self.AHEAD)
-        self.future: Any = None
-
-    def _put(self, item: tuple[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def emit(self, piece: str) -> bool:
-        waited = 0.0
-        while not self.credits.acquire(timeout=0.25):
-            waited += 0.25
-            if self.job.gate.closed:
-                return False
-            if waited >= self.deadline_s:
-                self.job.gate.close("the client stopped reading", failed=True)
-                return False
-        self._put(("piece", piece))
-        return not self.job.gate.closed
-
-    def work(self) -> None:
-        try:
-            self.job.open(self.req, self.ids)
-        except BaseException as exc:  # noqa: BLE001  (answered with its status by the route)
-            self._put(("error", exc))
-            return
-        self._put(("opened", None))
-        try:
-            self._put(("done", self.job.run(self.req, self.ids, self.emit, self.started)))
-        except BaseException as exc:  # noqa: BLE001
-            self._put(("error", exc))
+def _no_keep(tokens: list[int], logits: Any) -> None:
+    pass  # replaced by Generations.add with the cache's own
 
 
 def _observe(metrics: Any, route: str, res: CompletionResult, started: float) -> None:
@@ -193,18 +157,18 @@ def _observe(metrics: Any, route: str, res: CompletionResult, started: float) ->
                        res.first_token_s, res.token_gaps_s, time.perf_counter() - started)
 
 
-async def _events(run: _Run, rid: str, name: str, route: str, metrics: Any) -> AsyncIterator[str]:
+async def _events(gen: EngineCompletion, queue: "asyncio.Queue[tuple[str, Any]]", rid: str, name: str, route: str,
+                  metrics: Any) -> AsyncIterator[str]:
     """SSE: a role chunk (chat), content deltas, a finish chunk, a usage chunk if asked, ``[DONE]``. An error
     after the stream began is sent as an ``error`` event (the status line is already 200)."""
-    req, created = run.req, int(time.time())
+    req, created = gen.req, int(time.time())
     kind, with_usage = req.kind, req.include_usage
     try:
         if kind == CHAT:
             yield _chunk(kind, rid, name, created, "", None, first=True, with_usage=with_usage)
         while True:
-            what, value = await run.queue.get()
+            what, value = await queue.get()
             if what == "piece":
-                run.credits.release()
                 yield _chunk(kind, rid, name, created, value, None, with_usage=with_usage)
             elif what == "done":
                 res: CompletionResult = value
@@ -215,7 +179,7 @@ async def _events(run: _Run, rid: str, name: str, route: str, metrics: Any) -> A
                             "created": created, "model": name, "choices": [], "usage": res.usage(),
                             "system_fingerprint": None}
                     yield f"data: {json.dumps(body)}\n\n"
-                _observe(metrics, route, res, run.started)
+                _observe(metrics, route, res, gen.started)
                 break
             else:
                 _, body = openai_error(value, route)
@@ -224,4 +188,4 @@ async def _events(run: _Run, rid: str, name: str, route: str, metrics: Any) -> A
                 break
         yield "data: [DONE]\n\n"
     finally:
-        run.job.gate.close("the client went away")  # a cancelled stream: the worker's next step does not run
+        gen.gate.close("the client went away")  # a cancelled stream: the engine drops it at the next round

@@ -1,15 +1,18 @@
-"""One OpenAI completion on the server's engine: prompt caching, prefill, decode, stop sequences.
+"""One OpenAI completion as the engine thread drives it: prompt caching, prefill, decode, stop sequences.
 
 A request gets an *ephemeral* session (resident only, never written to the session store: a completion is
 not a session the client can come back to) that starts from the longest cached prefix of its tokens
-(:mod:`.prompt_cache`) or from the initial state. Its steps are ordinary step jobs, so concurrent completions
-decode together in one pool step per token, each row at its own position (continuous batching: a request
-joins between two steps and leaves when it ends); a prompt is prefilled in chunks of ``--max-prefill-chunk``
-tokens, so a new request holds the others back for at most one chunk per step.
+(:mod:`.prompt_cache`) or from the initial state. The engine thread then drives every active completion
+itself (:mod:`.decode_loop`): each round, every completion contributes one step (its next prefill chunk of at
+most ``--max-prefill-chunk`` tokens, or its last sampled token) to one batch with whatever session steps are
+queued; after the batch it samples each completion's next token and hands the text to the request. No thread
+hop per token: concurrent completions decode together, each row at its own position (continuous batching: a
+request joins between two rounds and leaves when it ends), and a new request holds the others back for at
+most one prefill chunk.
 
 After the prompt, and again at the end, the state is kept in the prompt cache under exactly the tokens it
-holds (prompt; prompt + completion, every sampled token having gone into the memory, an eos too), so the
-next turn of the conversation, which re-sends all of it, prefills only what is new.
+holds (prompt; prompt + completion: every sampled token goes into the memory, an eos too), so the next turn of
+the conversation, which re-sends all of it, prefills only what is new.
 
 Text: pieces come from the tokenizer's incremental decoder (never half a UTF-8 character); a stop sequence
 ends the completion before it (the text excludes it), and while the text ends with what could still become a
@@ -24,11 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..generation import LanguageModelInfo, sample
 from ..errors import InputError
-from .jobs import Gate, StepJob
+from ..generation import LanguageModelInfo, sample
+from .jobs import Gate
 from .openai_schema import CHAT, CompletionRequest, OpenAIError
-from .prompt_cache import PromptCache
+from .prompt_cache import CacheHit
 from .sessions import scoped
 
 
@@ -49,8 +52,9 @@ class CompletionResult:
 
 
 def prompt_ids(req: CompletionRequest, info: LanguageModelInfo) -> list[int]:
-    """The request's tokens: a chat through the file's template, a completion's text or ids as given."""
-    tok = info.tokenizer
+    """The request's tokens (a chat through the file's template, a completion's text or ids as given), checked
+    against the file's context: what can be refused is refused before anything runs."""
+    tok, where = info.tokenizer, "messages" if req.kind == CHAT else "prompt"
     if req.kind == CHAT:
         template = tok.chat_template
         if template is None:
@@ -60,18 +64,26 @@ def prompt_ids(req: CompletionRequest, info: LanguageModelInfo) -> list[int]:
             text = template.render(req.messages, add_generation_prompt=True)
         except InputError as exc:
             raise OpenAIError(str(exc), 400, "messages", "invalid_value") from None
-        return tok.encode(text, add_special_tokens=False)  # the template wrote the special tokens itself
-    if req.prompt_ids is not None:
+        ids = tok.encode(text, add_special_tokens=False)  # the template wrote the special tokens itself
+    elif req.prompt_ids is not None:
         size = tok.vocab_size
         bad = [t for t in req.prompt_ids if t < 0 or (size and t >= size)]
         if bad:
             raise OpenAIError(f"prompt: token ids {bad[:5]} are outside the vocabulary (0..{size - 1})", 400,
                               "prompt", "invalid_value")
-        return list(req.prompt_ids)
-    try:
-        return tok.encode(req.prompt_text or "")
-    except Exception as exc:  # a text the vocabulary cannot spell (a char-level zoo model)
-        raise OpenAIError(f"prompt: {exc}", 400, "prompt", "invalid_value") from None
+        ids = list(req.prompt_ids)
+    else:
+        try:
+            ids = tok.encode(req.prompt_text or "")
+        except Exception as exc:  # a text the vocabulary cannot spell (a char-level zoo model)
+            raise OpenAIError(f"prompt: {exc}", 400, "prompt", "invalid_value") from None
+    capacity = info.max_context
+    if not ids:
+        raise OpenAIError("the prompt is empty after tokenization", 400, where, "invalid_value")
+    if capacity is not None and len(ids) >= capacity:
+        raise OpenAIError(f"this model's maximum context length is {capacity} tokens; the prompt has {len(ids)} "
+                          "(and at least one more is needed for the completion)", 400, where, "context_length_exceeded")
+    return ids
 
 
 def _first_stop(text: str, stops: list[str], sent: int) -> int:
@@ -92,120 +104,98 @@ def _held_back(text: str, stops: list[str]) -> int:
     return keep
 
 
-class Completion:
-    """Runs one request in a worker thread; ``emit(piece)`` is called with each text delta (False: stop)."""
+class EngineCompletion:
+    """The engine thread's state of one completion. ``out`` receives ``("piece", text)``, then ``("done", result)``
+    or ``("error", exc)``; ``keep(tokens, logits)`` asks for the state holding ``tokens`` to be cached."""
 
-    def __init__(self, ctx: Any, cache: PromptCache, info: LanguageModelInfo, owner: str, prefill_chunk: int,
-                 max_generate: int, gate: Gate) -> None:
-        self.ctx, self.cache, self.info, self.owner = ctx, cache, info, owner
-        self.batcher, self.table = ctx.batcher, ctx.table
-        self.prefill_chunk, self.max_generate, self.gate = prefill_chunk, max_generate, gate
+    def __init__(self, req: CompletionRequest, ids: list[int], hit: CacheHit | None, info: LanguageModelInfo,
+                 owner: str, limit: int, prefill_chunk: int, out: Callable[[tuple[str, Any]], None],
+                 keep: Callable[[list[int], np.ndarray], None], started: float) -> None:
+        self.req, self.ids, self.hit, self.info, self.out, self.keep = req, ids, hit, info, out, keep
         self.key = scoped(owner, f"openai-{uuid.uuid4().hex}")
-        self.hit: Any = None
-        self.opened = False
-        self._last: np.ndarray | None = None
+        self.gate = Gate()
+        self.limit, self.prefill_chunk, self.started = limit, prefill_chunk, started
+        cached = hit.tokens if hit is not None else 0
+        self.res = CompletionResult(prompt_tokens=len(ids), cached_tokens=cached)
+        self.pending = ids[cached:]  # prompt tokens still to prefill
+        self.held = cached           # tokens in the session's memory
+        self.logits: np.ndarray | None = hit.logits if hit is not None else None
+        self.rng = np.random.default_rng(req.seed)
+        self.decoder = info.tokenizer.decoder()
+        self.eos = info.tokenizer.eos_token_ids
+        self.text, self.sent, self._last_at = "", 0, None
+        self.done = self.failed = False
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        from .batcher import CallJob  # noqa: PLC0415
+    @property
+    def snapshot(self) -> bytes | None:
+        return self.hit.snapshot if self.hit is not None else None
 
-        job = CallJob(fn, args)
-        self.batcher._put(job)  # in order with this request's steps
-        return self.batcher.result(job.future)
+    def next_tokens(self) -> list[int]:
+        """What the next round steps: a prefill chunk, or the token sampled last."""
+        return self.pending[:self.prefill_chunk] if self.pending else [self.res.tokens[-1]]
 
-    def _step(self, ids: list[int]) -> np.ndarray:
-        feeds = self.ctx.check({self.info.tokens_input: np.array([ids], dtype=np.int64)})
-        job = StepJob(self.key, feeds, gate=self.gate, what="completion")
-        out = self.batcher.result(self.batcher.enqueue(job), self.gate).outputs
-        return out[self.info.logits_output][0, -1]
+    def start(self) -> None:
+        """Registered with a fully cached prompt: sample at once from the cached logits."""
+        if not self.pending:
+            self._advance()
 
-    def _snapshot(self) -> bytes:
-        return self._call(self.table.snapshot, self.key)
+    def stepped(self, n: int, logits: np.ndarray) -> None:
+        """After a round: ``n`` tokens went into the memory and ``logits`` are those of the last one."""
+        self.held += n
+        self.logits = logits
+        if self.pending:
+            self.pending = self.pending[n:]
+            if self.pending:
+                return  # more of the prompt
+            self.keep(self.ids, logits)  # the prompt's state, for the next turn of this conversation
+            self._advance()
+            return
+        token = self.res.tokens[-1]
+        if token in self.eos:  # in the memory and in ``tokens`` (as transformers returns it), never in the text
+            return self._finish("stop")
+        self.text += self.decoder(token)
+        cut = _first_stop(self.text, self.req.stop, self.sent)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self._finish("stop")
+        ready = len(self.text) - _held_back(self.text, self.req.stop)
+        if ready > self.sent:
+            self.out(("piece", self.text[self.sent:ready]))
+            self.sent = ready
+        self._advance()
 
-    def open(self, req: CompletionRequest, ids: list[int]) -> None:
-        """Check the prompt against the context, find the longest cached prefix, and open the request's
-        session from it: what can be refused is refused here, before any answer has begun."""
+    def _advance(self) -> None:
         capacity = self.info.max_context
-        where = "messages" if req.kind == CHAT else "prompt"
-        if not ids:
-            raise OpenAIError("the prompt is empty after tokenization", 400, where, "invalid_value")
-        if capacity is not None and len(ids) >= capacity:
-            raise OpenAIError(f"this model's maximum context length is {capacity} tokens; the prompt has {len(ids)} "
-                              "(and at least one more is needed for the completion)", 400, where,
-                              "context_length_exceeded")
-        self.hit = self.cache.lookup(self.owner, ids, len(ids))
-        self._call(self.table.open_ephemeral, self.key, self.hit.snapshot if self.hit is not None else None)
-        self.opened = True
+        if len(self.res.tokens) >= self.limit or (capacity is not None and self.held >= capacity):
+            return self._finish("length")
+        assert self.logits is not None
+        token = sample(self.logits, self.rng, self.req.temperature, 0, self.req.top_p)
+        now = time.perf_counter()
+        if self._last_at is None:
+            self.res.first_token_s = now - self.started
+        else:
+            self.res.token_gaps_s.append(now - self._last_at)
+        self._last_at = now
+        self.res.tokens.append(token)  # stepped into the memory next round
 
-    def close(self) -> None:
-        if getattr(self, "opened", False):
-            self.opened = False
-            try:
-                self._call(self.table.close_ephemeral, self.key)
-            except Exception:  # noqa: BLE001  (the engine stopped: its sessions are gone anyway)
-                pass
-
-    def run(self, req: CompletionRequest, ids: list[int], emit: Callable[[str], bool],
-            started: float) -> CompletionResult:
-        """Prefill what the cache did not hold, decode, keep the states; the session is closed at the end."""
-        res = CompletionResult(prompt_tokens=len(ids))
-        limit = min(req.max_tokens or self.max_generate, self.max_generate)
-        try:
-            hit = self.hit
-            logits = hit.logits if hit is not None else None
-            res.cached_tokens = hit.tokens if hit is not None else 0
-            rest = ids[res.cached_tokens:]
-            for at in range(0, len(rest), self.prefill_chunk):
-                logits = self._step(rest[at:at + self.prefill_chunk])
-            if rest:
-                self.cache.store(self.owner, ids, self._snapshot(), logits)
-            self._decode(req, res, logits, len(ids), limit, emit, started)
-            if res.tokens and not self.gate.closed:
-                self.cache.store(self.owner, ids + res.tokens, self._snapshot(), self._last)
-        finally:
-            self.close()
-        return res
-
-    def _decode(self, req: CompletionRequest, res: CompletionResult, logits: np.ndarray, held: int, limit: int,
-                emit: Callable[[str], bool], started: float) -> None:
-        info, capacity = self.info, self.info.max_context
-        rng = np.random.default_rng(req.seed)
-        decoder = info.tokenizer.decoder()
-        eos = info.tokenizer.eos_token_ids
-        text, sent, last_at = "", 0, None
-        self._last = logits
-        res.finish_reason = "length"
-        while len(res.tokens) < limit and (capacity is None or held < capacity):
-            token = sample(logits, rng, req.temperature, 0, req.top_p)
-            now = time.perf_counter()
-            if last_at is None:
-                res.first_token_s = now - started
-            else:
-                res.token_gaps_s.append(now - last_at)
-            last_at = now
-            res.tokens.append(token)
-            # every sampled token goes into the memory (an eos too): the cached state then holds exactly
-            # prompt + completion, which is what the next turn's template renders
-            logits = self._step([token])
-            self._last = logits
-            held += 1
-            if token in eos:
-                res.finish_reason = "stop"
-                break
-            text += decoder(token)
-            cut = _first_stop(text, req.stop, sent)
+    def _finish(self, reason: str) -> None:
+        res, text = self.res, self.text
+        res.finish_reason = reason
+        if reason == "length" or (res.tokens and res.tokens[-1] in self.eos):
+            text += self.decoder.flush()  # an unfinished character at the end shows as decode shows it
+            cut = _first_stop(text, self.req.stop, self.sent)  # the flushed tail may hold a stop sequence too
             if cut >= 0:
                 text, res.finish_reason = text[:cut], "stop"
-                break
-            ready = len(text) - _held_back(text, req.stop)
-            if ready > sent:
-                if not emit(text[sent:ready]):
-                    return
-                sent = ready
-        if res.finish_reason == "length" or (res.tokens and res.tokens[-1] in eos):
-            text += decoder.flush()  # an unfinished character at the end shows as decode shows it
-            cut = _first_stop(text, req.stop, sent)  # the flushed tail may hold a stop sequence too
-            if cut >= 0:
-                text, res.finish_reason = text[:cut], "stop"
-        if len(text) > sent:
-            emit(text[sent:])
+        if len(text) > self.sent:
+            self.out(("piece", text[self.sent:]))
         res.text = text
+        self.done = True
+        if res.tokens and self.logits is not None:
+            # every sampled token is in the memory unless the limit stopped sampling before the last was stepped
+            stepped = res.tokens if self.held == len(self.ids) + len(res.tokens) else res.tokens[:-1]
+            self.keep(self.ids + stepped, self.logits)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.failed:
+            self.done = self.failed = True
+            self.out(("error", exc))
