@@ -327,3 +327,21 @@ def test_a_stream_the_client_drops_frees_its_session_at_once(mamba):
         assert again.choices[0].finish_reason in ("stop", "length")
     finally:
         srv.stop()
+
+
+def test_a_zoo_byte_model_completes_and_refuses_chat_without_a_template(tmp_path):
+    from _zoo_small import export_small
+
+    path = export_small("lstm_lm", tmp_path)
+    model = wmdeploy.load(path)
+    srv = ThreadServer(ServeConfig(path, name="lstm"), model)
+    try:
+        client = _client(srv, "x")
+        got = client.completions.create(model="lstm", prompt="The river", temperature=0, max_tokens=12)
+        want = wmdeploy.generate(model, "The river", max_tokens=12, temperature=0)
+        assert got.choices[0].text == want.text() and got.usage.completion_tokens == 12
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="lstm", messages=[{"role": "user", "content": "hi"}])
+        assert err.value.body["code"] == "no_chat_template"
+    finally:
+        srv.stop()
