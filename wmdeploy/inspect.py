@@ -140,6 +140,9 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         info["context"] = ({"max_context": spec.meta["max_context"], "position_state": spec.meta.get("position_state"),
                             "in_place_bytes_per_stream": sum(st.bytes_per_stream for st in spec.states if st.inplace)}
                            if "max_context" in spec.meta else None)
+        # --overflow sinks:K: a bounded memory with no bound on the stream (StreamingLLM)
+        info["overflow"] = ({"policy": spec.meta["overflow"], "slots": spec.meta.get("sink_capacity")}
+                            if spec.meta.get("overflow") else None)
     return info
 
 
@@ -199,6 +202,10 @@ def render(info: dict[str, Any]) -> Any:
         parts.append(Text(f"context: at most {c['max_context']} tokens per stream (position in state "
                           f"'{c['position_state']}'; a step past it is refused); "
                           f"{_human_bytes(c['in_place_bytes_per_stream'])} per stream written in place"))
+    if info.get("overflow"):
+        o = info["overflow"]
+        parts.append(Text(f"overflow: {o['policy']} (StreamingLLM: {o['slots']} slots per attention layer, the first "
+                          f"tokens and the most recent ones; streams never end and the state never grows)"))
     if info.get("batching"):
         parts.append(Text(f"batching: {info['batching']}", style="yellow"))
     bounds = [f"'{t['name']}' in [0, {t['index_bound']})" for t in info["inputs"] if t.get("index_bound")]

@@ -33,6 +33,8 @@ def export(
                                               "capacity; default from the config, capped at 2048)"),
     attention: str = typer.Option("gqa", "--attention", help="hf: gqa (ONNX Runtime GroupQueryAttention, KV cache "
                                   "written in place) or portable (standard ONNX, for OpenVINO and other engines)"),
+    overflow: str = typer.Option("error", "--overflow", help="hf: at --max-context, error (the step is refused, "
+                                 "nothing moves) or sinks:K (StreamingLLM: keep K first tokens + the most recent, forever)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the verification report as JSON"),
 ) -> None:
     """Export a PyTorch streaming model (or a Hugging Face causal LM, hf:DIR) to ONNX with its state as
@@ -40,7 +42,7 @@ def export(
     check_output("--json", json_out)
     if target.startswith("hf:"):
         return _export_hf(target[3:], output, max_context, attention, verify, 2e-3 if atol is None else atol, opset,
-                          json_out)
+                          json_out, overflow)
     from ..exporter import export_module  # noqa: PLC0415  (torch only for this command)
 
     chunk_list = _parse_chunks(chunks, "--chunks")
@@ -58,12 +60,12 @@ def export(
 
 
 def _export_hf(folder: str, output: Path, max_context: Optional[int], attention: str, verify: bool, atol: float,
-               opset: int, json_out: Optional[Path]) -> None:
+               opset: int, json_out: Optional[Path], overflow: str = "error") -> None:
     from ..hf import export_hf  # noqa: PLC0415  (torch + transformers only for this command)
 
     with console.status(escape(f"exporting hf:{folder} to {output} and checking it against transformers ...")):
         result = export_hf(folder, output, max_context=max_context, attention=attention, verify=verify, atol=atol,
-                           opset=opset)
+                           opset=opset, overflow=overflow)
     for note in result.notes:
         console.print(f"note: {note}", soft_wrap=True, markup=False)
     if result.report is not None and json_out:
@@ -73,7 +75,8 @@ def _export_hf(folder: str, output: Path, max_context: Optional[int], attention:
     size = output.stat().st_size
     console.print(soft_wrap=True, markup=False, *[
         f"wrote {output} ({size / 1e6:.2f} MB, {spec.meta['hf']['model_type']}, {len(spec.states)} states, "
-        f"max context {spec.meta.get('max_context', 'unbounded')} tokens, {spec.state_bytes_per_stream / 1e6:.2f} MB of state per "
+        f"max context {spec.meta.get('max_context', spec.meta.get('overflow', 'unbounded'))} tokens, "
+        f"{spec.state_bytes_per_stream / 1e6:.2f} MB of state per "
         f"stream of which {kv / 1e6:.2f} MB KV cache, attention {spec.meta['hf']['attention']}, "
         f"{result.seconds:.1f} s)" + (f"; verified: {result.report.summary()}" if result.report is not None
                                       else "; not verified")])

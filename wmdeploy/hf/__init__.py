@@ -49,8 +49,11 @@ def _max_context(found: Any, requested: int | None, notes: list[str]) -> int:
 
 
 def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None = None, attention: str = "gqa",
-              verify: bool = True, atol: float = 2e-3, opset: int = 17) -> HFExportResult:
+              verify: bool = True, atol: float = 2e-3, opset: int = 17, overflow: str = "error") -> HFExportResult:
     """Export the causal LM saved in ``folder`` (a local ``save_pretrained`` folder) to ``path``.
+
+    ``overflow``: what a stream does at ``max_context``: ``error`` (the step is refused, nothing moves) or
+    ``sinks:K`` (StreamingLLM: keep the first K tokens and the most recent ones, forever; :mod:`.sinks`).
 
     ``attention``: ``gqa`` (ONNX Runtime's ``GroupQueryAttention``: the KV cache is written in place, a step
     costs what its context costs) or ``portable`` (standard ONNX ops for OpenVINO and other engines; each
@@ -61,10 +64,18 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     if attention not in FORMS:
         raise ExportError(f"--attention {attention!r}: expected one of {list(FORMS)}")
     from .folder import open_folder  # noqa: PLC0415
+    from .sinks import parse_overflow  # noqa: PLC0415
 
+    sinks = parse_overflow(overflow)
     found = open_folder(folder)
     notes: list[str] = []
     capacity = _max_context(found, max_context, notes)
+    if sinks is not None and not 0 <= sinks < capacity:
+        raise ExportError(f"--overflow sinks:{sinks}: expected fewer sink tokens than --max-context {capacity}")
+    if sinks is not None and attention == "gqa":
+        attention = "portable"  # the sinks' ring is not a prefix GroupQueryAttention can attend to
+        notes.append("--overflow sinks: the capacity-long layers attend over their whole buffer (as --attention "
+                     "portable): each step costs the capacity, the memory stays constant forever")
 
     import torch  # noqa: PLC0415
     import onnx  # noqa: PLC0415
@@ -90,7 +101,17 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
         "hf": {"model_type": found.family, "architecture": found.architecture, "attention": attention,
                "transformers": transformers.__version__},
     }
-    if not layout.has_linear_kv:  # only rings of sliding windows and recurrent states: a constant state, forever
+    rotate = None
+    if sinks is not None and layout.has_linear_kv:
+        from .sinks import Rerotator  # noqa: PLC0415
+
+        rotate = Rerotator(model, found.family)
+        meta["overflow"] = f"sinks:{sinks}"
+        meta["sink_capacity"] = capacity  # the slots per layer; streams have no bound
+        del meta["max_context"]
+    elif sinks is not None:
+        notes.append("--overflow sinks: no layer holds a capacity-long cache; nothing to do")
+    if sinks is None and not layout.has_linear_kv:  # only rings and recurrent states: a constant state, forever
         del meta["max_context"]
         notes.append("every layer's memory is constant-size (sliding-window rings, conv/SSM states): streams have "
                      "no context bound (--max-context sizes nothing here)")
@@ -98,15 +119,16 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
         # ORT's GroupQueryAttention refuses a multi-token call of several rows with a past: the pool and a
         # lock-step Stream run such steps one row per call (streams at position 0 still batch)
         meta["prefill_batch"] = "fresh"
-    if layout.has_linear_kv:
+    if layout.has_linear_kv and rotate is None:
         # capacity-long KV caches hold one row per position on axis 2, masked past it: snapshots of the in-place
         # form keep only the live rows, and either form reads them (snapshot.context_axes)
         meta["context_axes"] = {t.input_name: 2 for t in layout.tensors if t.kind in ("key", "value") and not t.window}
     forward_kwargs = prepare(model, found.family, layout)
     attn.register()
     model.config._attn_implementation = attn.IMPLEMENTATION
-    wrapper = StreamingCausalLM(model, layout, attention, meta, forward_kwargs).eval()
-    uses_gqa = attention == "gqa" and layout.has_linear_kv
+    wrapper = StreamingCausalLM(model, layout, attention, meta, forward_kwargs, sinks=sinks if rotate else None,
+                                rotate=rotate).eval()
+    uses_gqa = attention == "gqa" and layout.has_linear_kv and rotate is None
     path = Path(path)
     check_writable(path)
     spec = wrapper.streaming_spec()

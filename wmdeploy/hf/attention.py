@@ -41,6 +41,8 @@ class StepContext:
     past: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (key buffer, value buffer) [b, kvh, cap, d]
     present: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     rings: frozenset[int] = frozenset()  # sliding-window layers whose buffers are rings of their window
+    sinks: int | None = None  # --overflow sinks:K: capacity-long layers keep K sinks + a ring (:mod:`.sinks`)
+    rotate: Any = None        # ... and re-rotate queries with the model's RoPE (sinks.Rerotator)
     seqlens_k: torch.Tensor | None = None   # [batch] int32: position + time - 1 (GQA)
     total_length: torch.Tensor | None = None  # scalar int32: max(position + time) (GQA)
     # recurrent layers (SSM / conv / linear attention): (layer, state index) -> held and next states
@@ -221,6 +223,11 @@ def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     cap = float(softcap) if softcap else 0.0
     if window and layer in ctx.rings:  # a ring of its window (layout.probe)
         out, new_k, new_v = ring(query, key, value, past_k, past_v, ctx.position, scale, window, cap or None)
+    elif ctx.sinks is not None and not window:  # StreamingLLM past the capacity
+        from .sinks import sink_attention  # noqa: PLC0415
+
+        out, new_k, new_v = sink_attention(query, key, value, past_k, past_v, ctx.position, scale, ctx.sinks,
+                                           cap or None, ctx.rotate)
     elif ctx.form == "gqa":
         q3 = query.transpose(1, 2).reshape(b, t, h * d)
         k3 = key.transpose(1, 2).reshape(b, t, kvh * d)

@@ -23,8 +23,9 @@ class StreamingCausalLM(torch.nn.Module):
     """Wraps ``model`` (an ``AutoModelForCausalLM``) with the explicit-state interface; see the module doc."""
 
     def __init__(self, model: torch.nn.Module, layout: CacheLayout, form: str, meta: dict[str, Any],
-                 forward_kwargs: dict[str, Any] | None = None) -> None:
+                 forward_kwargs: dict[str, Any] | None = None, sinks: int | None = None, rotate: Any = None) -> None:
         super().__init__()
+        self.sinks, self.rotate = sinks, rotate  # --overflow sinks:K (attention.StepContext)
         if form not in attention.FORMS:
             raise ValueError(f"attention form {form!r}: expected one of {attention.FORMS}")
         self.model, self.layout, self.form, self.meta = model, layout, form, meta
@@ -35,14 +36,14 @@ class StreamingCausalLM(torch.nn.Module):
         return StreamingSpec(
             inputs=[TensorSpec("tokens", [BATCH, "time"], "int64", doc="token ids", index_bound=self.vocab_size)],
             outputs=[TensorSpec("logits", [BATCH, "time", self.vocab_size], "float32")],
-            states=self.layout.states(inplace_kv=self.form == "gqa"),
+            states=self.layout.states(inplace_kv=self.form == "gqa" and self.sinks is None),
             meta=self.meta,
         )
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         b, t = tokens.shape
         tensors = self.layout.tensors
-        ctx = StepContext(self.form, position, {}, rings=self.layout.rings)
+        ctx = StepContext(self.form, position, {}, rings=self.layout.rings, sinks=self.sinks, rotate=self.rotate)
         keys: dict[int, torch.Tensor] = {}
         for spec, value in zip(tensors, cache):
             if spec.kind == "key":
@@ -54,7 +55,7 @@ class StreamingCausalLM(torch.nn.Module):
             else:
                 ctx.recurrent[(spec.layer, spec.index)] = value
         end = position + t
-        if self.layout.has_linear_kv and self.form == "gqa":
+        if self.layout.has_linear_kv and self.form == "gqa" and self.sinks is None:
             ctx.seqlens_k = (end - 1).to(torch.int32)
             ctx.total_length = end.max().to(torch.int32)
         position_ids = position[:, None] + torch.arange(t, device=tokens.device)[None, :]
