@@ -40,14 +40,18 @@ def _in_type_checking(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
 
 
 def _imports(name: str, path: Path, is_pkg: bool, known: set[str]) -> set[str]:
-    """Modules of ours that ``name`` imports anywhere (module level or inside functions), resolved to modules:
-    ``from . import x`` counts as importing the submodule x when it is one, else the package itself."""
+    """Modules of ours that ``name`` imports anywhere (module level, inside functions, and under
+    ``if TYPE_CHECKING:``: a type-only import is still an arrow a type checker, an IDE or a later refactor
+    follows), resolved to modules: ``from . import x`` counts as importing the submodule x when it is one,
+    else the package itself. One exception: the top-level package's ``TYPE_CHECKING`` block mirrors its lazy
+    API (``_LAZY``: nothing is imported until first use, after the package is complete), and submodules
+    import the package for ``__version__``; that mirror is for IDEs, not an arrow."""
     tree = ast.parse(path.read_text())
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     package = name if is_pkg else name.rpartition(".")[0]
     out: set[str] = set()
     for node in ast.walk(tree):
-        if _in_type_checking(node, parents):
+        if name == "wmdeploy" and _in_type_checking(node, parents):
             continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -119,6 +123,15 @@ def test_no_import_cycles():
 
 def test_the_cycle_finder_sees_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_type_only_imports_count(tmp_path: Path):
+    mod = tmp_path / "m.py"
+    mod.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from wmdeploy.errors import InputError\n")
+    assert _imports("wmdeploy.m", mod, False, {"wmdeploy", "wmdeploy.errors", "wmdeploy.m"}) == {"wmdeploy.errors"}
+    # the circle the issue named: profiling.table took ProfileReport (type only) from runner -> report -> table
+    graph = _graph()
+    assert not {t for t in graph["wmdeploy.profiling.table"] if t.startswith("wmdeploy.profiling.")}
 
 
 def test_the_flat_core_stays_small_and_modules_stay_short():

@@ -214,7 +214,8 @@ def _drift_cmd(model: Path, reference: Path, steps: int, chunk: int, batch: int,
     if getattr(cand, "precision", None) and model.resolve() == reference.resolve():
         transforms = [cand.precision]  # the same file on another engine/precision: that precision's bound
     bound = DRIFT_BOUNDS.get(transforms[-1], {}) if transforms else {}
-    ok, why = report.within(bound.get("min_top1"), bound.get("max_rel"), bound.get("max_recall_drop"))
+    ok, why = report.within(bound.get("min_top1"), bound.get("max_rel"), bound.get("max_recall_drop"),
+                            bound.get("max_ce_increase"))
     if not ok:
         raise VerificationError(f"{model}: drift beyond the {transforms[-1]} bound: {why}")
     console.print(f"ok: {report.summary()}" + (f" (within the {transforms[-1]} bound {bound})" if bound else ""), markup=False)

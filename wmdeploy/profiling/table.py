@@ -1,15 +1,31 @@
-"""The rich tables of a :class:`~wmdeploy.profiling.report.ProfileReport` (terminal output only)."""
+"""The rich tables of a :class:`~wmdeploy.profiling.report.ProfileReport` (terminal output only).
+
+Rendering stays apart from the report's types: ``ProfileReport.table()`` imports this module (lazily), so
+this module must not import ``report`` back, not even for type checkers (``tests/test_layout.py`` counts
+``TYPE_CHECKING`` imports). What it reads of a report is the :class:`Report` protocol below."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Sequence
 
 from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-if TYPE_CHECKING:
-    from .runner import ProfileReport
+
+class Report(Protocol):
+    """The parts of a ``ProfileReport`` the tables show (``report.ProfileReport`` satisfies it)."""
+
+    machine: dict[str, Any]
+    bandwidth: Any  # machine.Bandwidth
+    launch_floor_s: float | None
+    settings: dict[str, Any]
+    models: Sequence[Any]  # report.ModelFacts
+
+    @property
+    def baseline(self) -> str | None: ...
+
+    def sorted_cells(self) -> Sequence[Any]: ...  # report.Cell
 
 
 def human_bytes(n: float | None) -> str:
@@ -35,7 +51,7 @@ def num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{decimals}f}"
 
 
-def machine_line(report: "ProfileReport") -> str:
+def machine_line(report: Report) -> str:
     m = report.machine
     gpus = ", ".join(g["name"] for g in m.get("gpus") or [])
     bw = report.bandwidth
@@ -79,7 +95,7 @@ def _cell_row(c: Any) -> tuple[dict[str, Any], Any]:
     }, note
 
 
-def render(report: "ProfileReport", width: int | None = None) -> Any:
+def render(report: Report, width: int | None = None) -> Any:
     """The models table and the cells table; columns of least interest are left out below ``width``."""
     models = Table(title="models", title_justify="left")
     for col in ("model", "file", "weights", "state / stream"):

@@ -1,7 +1,8 @@
 """The transform wing: what is done to an exported file before it ships.
 
 ``optimizer`` (graph optimisation), ``quantizer`` with its parts (``policy``: which nodes stay float;
-``precision``: what each weight became; ``fp16``; ``report``; ``check``: the loads-and-still-works checks),
+``precision``: what each weight became; ``fp16``; ``int4``: 4-bit weights; ``report``; ``check``: the
+loads-and-still-works checks),
 ``calibration`` (stateful calibration streams), ``lineage`` (the record of what was done, in the file)
 and ``drift`` (how far a transformed file's memory drifts from its source over a long stream).
 

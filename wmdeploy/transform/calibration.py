@@ -84,15 +84,50 @@ def task_streams(spec: StreamingSpec, batch: int, length: int, seed: int = 0, sp
             reps = -(-(length + 2 + 64) // len(data))
             label += f", {len(data)} bytes read {reps} times over"
             data = np.tile(data, reps)
-        # evenly spaced windows (held-out text is short): deterministic, non-overlapping where it fits
-        span = len(data) - length - 1
-        starts = (np.arange(batch) * max(span // max(batch, 1), 1) + int(rng.integers(0, 64))) % max(span, 1)
-        idx = starts[:, None] + np.arange(length + 1)[None, :]
-        windows = data[idx]
-        return StreamData({_token_input(spec): windows[:, :-1]}, length, "text", label + ")", windows[:, 1:])
+        return _text_windows(spec, data, batch, length, rng, label + ")")
     out = random_streams(spec, batch, length, seed)
     out.source = f"random inputs (no task generator for task {spec.meta.get('task')!r})"
     return out
+
+
+def _text_windows(spec: StreamingSpec, data: np.ndarray, batch: int, length: int, rng: np.random.Generator,
+                  label: str) -> StreamData:
+    """``batch`` evenly spaced windows of ``data`` (held-out text is short): deterministic, non-overlapping
+    where it fits; the targets are the next token."""
+    span = len(data) - length - 1
+    starts = (np.arange(batch) * max(span // max(batch, 1), 1) + int(rng.integers(0, 64))) % max(span, 1)
+    idx = starts[:, None] + np.arange(length + 1)[None, :]
+    windows = data[idx]
+    return StreamData({_token_input(spec): windows[:, :-1]}, length, "text", label, windows[:, 1:])
+
+
+def hf_text_streams(path: str | Path, spec: StreamingSpec, batch: int, length: int, seed: int = 0,
+                    split: str = "val") -> StreamData | None:
+    """The shipped text corpus encoded with the tokenizer an ``export hf:`` file carries (its
+    ``wmdeploy.tokenizer`` metadata): held-out text for any language model of the zoo's corpus, so that
+    ``verify`` scores top-1 agreement and cross-entropy on text rather than on random ids. None when the
+    file carries no tokenizer."""
+    from ..models import tasks  # noqa: PLC0415
+    from ..text.tokenizer import HFTokenizer  # noqa: PLC0415
+
+    vocab = spec.meta.get("vocab") or {}
+    if vocab.get("kind") != "hf" or not Path(path).is_file():
+        return None
+    import onnx  # noqa: PLC0415
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if "wmdeploy.tokenizer" not in meta:
+        return None
+    tok = HFTokenizer.from_metadata(meta, vocab, int(spec.meta.get("vocab_size", 0)))
+    train, val = tasks.text_splits()
+    raw = (train if split == "train" else val).astype(np.uint8).tobytes().decode("utf-8", errors="ignore")
+    data = np.asarray(tok.encode(raw, add_special_tokens=False), dtype=np.int64)
+    label = f"shipped text corpus ({'held-out' if split != 'train' else 'training'} split, {len(data)} tokens of its tokenizer"
+    if len(data) < length + 2:  # short held-out text: read again from the start, as task_streams does
+        reps = -(-(length + 2 + 64) // len(data))
+        label += f", read {reps} times over"
+        data = np.tile(data, reps)
+    return _text_windows(spec, data, batch, length, np.random.default_rng(seed), label + ")")
 
 
 def random_streams(spec: StreamingSpec, batch: int, length: int, seed: int = 0) -> StreamData:

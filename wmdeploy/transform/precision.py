@@ -1,8 +1,10 @@
 """What a written (quantized or converted) graph holds: per op type with a weight, how many nodes have
-it in int8, fp16 or float32, counted from the graph itself (subgraphs included), not assumed."""
+it in int4, int8, fp16 or float32, counted from the graph itself (subgraphs included), not assumed."""
 from __future__ import annotations
 
 from typing import Any
+
+from .int4 import INT4_OPS as _INT4_OPS  # 4-bit weight-only ops, by the float op they replace
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 #: integer ops a float op becomes, by the float op it replaces
@@ -18,13 +20,13 @@ def _subgraphs(node: Any) -> list[Any]:
 
 
 def weight_precision(model: Any) -> dict[str, dict[str, int]]:
-    """Per float op type with a weight: how many nodes have it in int8, fp16 or float32 (subgraphs included)."""
+    """Per float op type with a weight: how many nodes have it in int4, int8, fp16 or float32 (subgraphs included)."""
     import onnx  # noqa: PLC0415
 
     counts: dict[str, dict[str, int]] = {}
 
     def add(op: str, kind: str) -> None:
-        counts.setdefault(op, {"int8": 0, "fp16": 0, "float32": 0})[kind] += 1
+        counts.setdefault(op, {"int4": 0, "int8": 0, "fp16": 0, "float32": 0})[kind] += 1
 
     def walk(graph: Any, inits: dict[str, int]) -> None:
         inits = {**inits, **{i.name: i.data_type for i in graph.initializer}}
@@ -32,6 +34,9 @@ def weight_precision(model: Any) -> dict[str, dict[str, int]]:
         for node in graph.node:
             for sub in _subgraphs(node):
                 walk(sub, inits)
+            if node.op_type in _INT4_OPS:
+                add(_INT4_OPS[node.op_type], "int4")
+                continue
             if node.op_type in _INT_OPS:
                 add(_INT_OPS[node.op_type], "int8")
                 continue

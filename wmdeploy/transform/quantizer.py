@@ -27,6 +27,9 @@ What each mode can touch (ONNX Runtime 1.2x/1.3x quantization tools):
     bits across [-1e9, x] put every real score on one level (uniform attention); those Q/DQ pairs
     are removed, the tensor stays float. (The trained recall model went from 0.695 to 0.153 recall
     accuracy through its masked-score tensor alone; see ``float_policy``.)
+- ``int4``: 4-bit weight-only (``int4``: ORT's ``MatMulNBitsQuantizer``; MatMul -> MatMulNBits, the
+  embedding Gather -> GatherBlockQuantized; ``block_size``, ``symmetric``, ``accuracy_level``). LSTM/GRU/RNN
+  ops cannot be 4-bit (no kernel): they stay float32 and the report says so in one line.
 - ``fp16``: float16 weights and compute, float32 graph inputs/outputs/states at the boundary
   (``keep_io_types``). LSTM/GRU/RNN stay float32: ORT's CPU provider has no float16 recurrent kernels,
   and with float16 layout ops next to a recurrent op ORT 1.32 crashes (SIGSEGV) while optimizing the
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .check import RECALL_CHANCE, TASK_CHECK, _loads_in_child, _short_check, _task_check
+from . import int4
 from .fp16 import _fp16, _fp16_spec
 from .policy import _activation_range  # noqa: F401  (re-exported: tests read calibrated ranges with it)
 from .policy import FLOAT_POLICY, SENTINEL_RANGE, _name_nodes, keep_float, state_path_nodes
@@ -54,6 +58,9 @@ from .lineage import load_transform_source, make_record, save_checked
 from .optimizer import graph_stats
 
 MODES = ("int8-dynamic", "int8-static", "fp16")
+#: weight-only modes (``int4``): kept apart from MODES, whose zoo-wide test counts int8/fp16 weights
+WEIGHT_ONLY_MODES = ("int4",)
+ALL_MODES = MODES + WEIGHT_ONLY_MODES
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DYNAMIC_OPS = ["MatMul", "LSTM", "Gather", "Attention"]
 
@@ -82,20 +89,25 @@ def _static(src: str, dst: str, reader: Any, method: str, per_channel: bool, red
 def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: str | Path | None = "task",
              method: str = "minmax", calibration_streams: int = 4, calibration_steps: int = 256,
              calibration_chunk: int = 1, per_channel: bool = False, reduce_range: bool = False,
-             symmetric: bool = False, keep_io_types: bool = True, check_steps: int = 32, seed: int = 0,
-             float_policy: tuple[str, ...] | list[str] = FLOAT_POLICY) -> QuantizeReport:
+             symmetric: bool | None = None, keep_io_types: bool = True, check_steps: int = 32, seed: int = 0,
+             float_policy: tuple[str, ...] | list[str] = FLOAT_POLICY, block_size: int = int4.DEFAULT_BLOCK_SIZE,
+             accuracy_level: int = int4.DEFAULT_ACCURACY_LEVEL, embedding: bool = True) -> QuantizeReport:
     """Quantize ``source`` into ``output`` in ``mode``; raise ``QuantizationError`` (and leave no file) when
     the mode cannot quantize anything in the model or the result does not run.
 
     int8-static: ``calibration_chunk`` steps per calibration call (default 1, token-by-token streaming as
     deployed); ``float_policy`` picks the rules of what stays float (module doc): ``"state"`` (state
     tensors and the nodes that read/write them) and ``"sentinel"`` (mask-fill ranges). Leaving a rule
-    out is for diagnosis; the defaults are what keeps a stateful model's accuracy."""
+    out is for diagnosis; the defaults are what keeps a stateful model's accuracy.
+
+    int4: ``block_size`` (a power of two >= 16), ``symmetric`` (None: True for int4, False for int8-static),
+    ``accuracy_level`` (0-4; 4 = int8 activations on VNNI) and ``embedding`` (the embedding table to 4 bits
+    as well); the defaults are ``int4``'s measured ones."""
     import onnx  # noqa: PLC0415
 
     source, output = Path(source), Path(output)
-    if mode not in MODES:
-        raise QuantizationError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode not in ALL_MODES:
+        raise QuantizationError(f"--mode {mode!r}: expected one of {', '.join(ALL_MODES)}")
     if method not in CALIBRATION_METHODS:
         raise QuantizationError(f"--method {method!r}: expected one of {', '.join(CALIBRATION_METHODS)}")
     if mode == "int8-static":
@@ -103,6 +115,10 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
                             ("--calibration-chunk", calibration_chunk)):
             if value < 1:
                 raise QuantizationError(f"{flag} {value}: expected at least 1")
+    if mode == "int4":
+        why = int4.check_options(block_size, accuracy_level)
+        if why:
+            raise QuantizationError(why)
     bad = sorted(set(float_policy) - set(FLOAT_POLICY))
     if bad:
         raise QuantizationError(f"float_policy {bad}: expected rules among {', '.join(FLOAT_POLICY)}")
@@ -119,16 +135,23 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
         if mode == "int8-static":
             _name_nodes(model)
-        onnx.save(model, src)
+        if mode.startswith("int8"):  # ORT's int8 tools read a path; int4 and fp16 work on the proto
+            onnx.save(model, src)
         try:
             if mode == "int8-dynamic":
                 options.update(per_channel=per_channel, reduce_range=reduce_range, op_types=DYNAMIC_OPS)
                 _dynamic(src, dst, per_channel, reduce_range)
+            elif mode == "int4":
+                sym = int4.DEFAULT_SYMMETRIC if symmetric is None else symmetric
+                options.update(block_size=block_size, symmetric=sym, accuracy_level=accuracy_level, embedding=embedding)
+                onnx.save(int4.int4_weights(model, block_size=block_size, symmetric=sym, accuracy_level=accuracy_level,
+                                            embedding=embedding), dst)
             elif mode == "int8-static":
                 from .calibration import StatefulCalibrationReader, resolve_streams  # noqa: PLC0415
 
                 data = resolve_streams(spec, calibration, batch=calibration_streams, length=calibration_steps, seed=seed)
                 reader = StatefulCalibrationReader(src, data, calibration_chunk, spec)
+                symmetric = bool(symmetric)
                 options.update(method=method, per_channel=per_channel, reduce_range=reduce_range, symmetric=symmetric,
                                calibration=data.source, streams=data.batch, steps=data.length, chunk=reader.chunk,
                                float_policy=list(float_policy))
@@ -153,7 +176,7 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
                                     f"{' '.join(str(exc).split())[:300]}") from None
         result = onnx.load(dst)
     precision = weight_precision(result)
-    touched = sum(c["int8"] + c["fp16"] for c in precision.values())
+    touched = sum(c["int4"] + c["int8"] + c["fp16"] for c in precision.values())
     kept = {op: WHY_FLOAT.get(mode, {}).get(op, "not covered by this mode") for op, c in precision.items() if c["float32"]}
     if not touched:
         ops = ", ".join(f"{op} ({why})" for op, why in kept.items()) or "no op with weights"
@@ -179,6 +202,6 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
     return report
 
 
-__all__ = ["CALIBRATION_METHODS", "DYNAMIC_OPS", "FLOAT_POLICY", "MODES", "RECALL_CHANCE", "RECURRENT_OPS",
+__all__ = ["ALL_MODES", "WEIGHT_ONLY_MODES", "CALIBRATION_METHODS", "DYNAMIC_OPS", "FLOAT_POLICY", "MODES", "RECALL_CHANCE", "RECURRENT_OPS",
            "SENTINEL_RANGE", "TASK_CHECK", "WHY_FLOAT", "QuantizeReport", "keep_float", "quantize",
            "state_path_nodes", "weight_precision"]

@@ -14,6 +14,11 @@ WHY_FLOAT = {
                     "GRU": "ORT's QDQ quantizer has no recurrent ops: the recurrent core runs in float",
                     "RNN": "ORT's QDQ quantizer has no recurrent ops: the recurrent core runs in float"},
     "fp16": {op: "ORT's CPU provider has no float16 recurrent kernel; kept float32" for op in RECURRENT_OPS},
+    "int4": {**{op: "int4 cannot apply to the ONNX LSTM/GRU/RNN ops (ONNX Runtime's 4-bit MatMulNBits takes 2-D "
+                    "MatMul weights only; no 4-bit recurrent kernel): kept float32" for op in RECURRENT_OPS},
+             "Gemm": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)",
+             "Conv": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)",
+             "Attention": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)"},
 }
 
 
@@ -46,10 +51,12 @@ class QuantizeReport:
         table = Table(title=escape(f"quantize {self.mode}: {self.source} -> {self.output} (weights {self.before['weight_bytes']:,} "
                                    f"-> {self.after['weight_bytes']:,} bytes, x{ratio:.2f}; nodes {self.before['nodes']} -> "
                                    f"{self.after['nodes']})"))
-        for col in ("op with weights", "int8", "fp16", "float32", "why float"):
+        # the int4 column only where something is 4-bit: the int8/fp16 reports keep their columns
+        kinds = [k for k in ("int4", "int8", "fp16", "float32") if k != "int4" or any(c.get("int4") for c in self.precision.values())]
+        for col in ("op with weights", *kinds, "why float"):
             table.add_column(col, justify="left" if col.startswith(("op", "why")) else "right")
         for op, c in sorted(self.precision.items()):
-            table.add_row(op, str(c["int8"]), str(c["fp16"]), str(c["float32"]), self.kept_float.get(op, ""))
+            table.add_row(op, *(str(c.get(k, 0)) for k in kinds), self.kept_float.get(op, ""))
         return table
 
 
@@ -59,7 +66,7 @@ def _recurrent_summary(source: Any, precision: dict[str, dict[str, int]], mode: 
     for op in RECURRENT_OPS:
         if op in ops:
             c = precision.get(op, {})
-            kind = "int8" if c.get("int8") else "fp16" if c.get("fp16") else "float32"
+            kind = "int4" if c.get("int4") else "int8" if c.get("int8") else "fp16" if c.get("fp16") else "float32"
             why = "" if kind != "float32" else f" ({WHY_FLOAT.get(mode, {}).get(op, 'not covered by this mode')})"
             parts.append(f"{op}: {kind}{why}")
     for op in ("Loop", "Scan"):
