@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .masked import softmax_attend
+
 IMPLEMENTATION = "wmdeploy_kv"
 FORMS = ("gqa", "portable")
 
@@ -84,12 +86,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.T
     rep = h // kvh
     keys = full_k.repeat_interleave(rep, dim=1) if rep > 1 else full_k
     values = full_v.repeat_interleave(rep, dim=1) if rep > 1 else full_v
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, values)                                     # [b, h, t, d]
+    out = softmax_attend(torch.matmul(q, keys.transpose(-1, -2)) * scale, allowed, values, softcap)  # [b, h, t, d]
     return out.transpose(1, 2).contiguous(), full_k, full_v
 
 
@@ -115,11 +112,7 @@ def ring(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor
     rep = h // kvh
     if rep > 1:
         keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
+    out = softmax_attend(torch.matmul(q, keys.transpose(-1, -2)) * scale, allowed, values, softcap)
     # the last min(t, R) keys (a slice from -R clamps to the whole chunk when it is shorter): unique slots
     slots = torch.remainder(new_pos[:, -size:], size)[:, None, :, None]
     tail_k, tail_v = k[:, :, -size:], v[:, :, -size:]

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ExportError
+from .masked import softmax_attend
 
 #: families whose RoPE this module can re-rotate (the default rope type, cached keys after RoPE)
 FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "mistral")
@@ -103,10 +104,7 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buf_k: tor
         back = -torch.clamp(new_pos - cap, min=0)                         # [b, t]: -(q - C) past the capacity
         sink_scores = torch.matmul(rotate(q, back), keys.transpose(-1, -2)) * scale
         scores = torch.where(is_sink, sink_scores, scores)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
+    out = softmax_attend(scores, allowed, values, softcap)
     # the new buffers: each slot takes the chunk's key for the latest position it must hold after the chunk,
     # else keeps its own (a gather, so a chunk longer than the ring never writes one slot twice)
     end = start + t
