@@ -91,14 +91,16 @@ def test_int4_keeps_spec_tokenizer_lineage_and_in_place_states(lm: dict[str, Pat
     assert rec["transform"] == "quantize" and rec["source_sha256"] == file_sha256(src)
     assert rec["options"] == {"mode": "int4", "block_size": 32, "symmetric": True, "accuracy_level": 4, "embedding": True}
     ops = [n.op_type for n in model.graph.node]
-    # every 2-D weight is 4-bit: 7 per layer + the head, and the embedding table
-    assert ops.count("MatMulNBits") == 7 * LM["num_hidden_layers"] + 1 and "MatMul" not in ops
+    # every 2-D weight is 4-bit: per layer q/k/v merged into one and gate/up into one (merge_matmul), o and
+    # down on their own; the head; and the embedding table
+    assert ops.count("MatMulNBits") == 4 * LM["num_hidden_layers"] + 1 and "MatMul" not in ops
+    assert ops.count("Split") == 2 * LM["num_hidden_layers"]
     assert ops.count("GatherBlockQuantized") == 1
     assert ops.count("GroupQueryAttention") == LM["num_hidden_layers"]  # the in-place cache, untouched
     # the graph's own ops keep their opset (ORT's quantizer would move it to 21 for the int4 table)
     assert {o.domain: o.version for o in model.opset_import}[""] == \
         {o.domain: o.version for o in onnx.load(str(src), load_external_data=False).opset_import}[""]
-    assert rec["precision"]["MatMul"]["int4"] == 15 and rec["precision"]["Gather"]["int4"] == 1
+    assert rec["precision"]["MatMul"]["int4"] == 9 and rec["precision"]["Gather"]["int4"] == 1
 
 
 def test_int4_file_is_at_most_a_quarter_of_the_float_file(lm: dict[str, Path]) -> None:

@@ -65,7 +65,7 @@ def _float_tables(model: Any) -> tuple[list[str], list[str]]:
 
 
 def int4_weights(model: Any, *, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = DEFAULT_SYMMETRIC,
-                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embedding: bool = True) -> Any:
+                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, embedding: bool = True, merge: bool = True) -> Any:
     """``model`` (an ``onnx.ModelProto``, not modified) with its 2-D MatMul weights in 4 bits and, with
     ``embedding``, its embedding tables as ``GatherBlockQuantized``. The metadata (spec, tokenizer, chat
     template, lineage) is carried over unchanged; the caller writes the new lineage record."""
@@ -75,6 +75,10 @@ def int4_weights(model: Any, *, block_size: int = DEFAULT_BLOCK_SIZE, symmetric:
         DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     work = copy.deepcopy(model)
+    if merge:  # q/k/v and gate/up as one 4-bit matrix each: fewer, larger kernels (merge_matmul)
+        from .merge_matmul import merge_sibling_matmuls  # noqa: PLC0415
+
+        merge_sibling_matmuls(work)
     for node_index, node in enumerate(work.graph.node):  # nodes_to_exclude goes by name: give every node one
         if not node.name:
             node.name = f"_wmdeploy_{node.op_type}_{node_index}"
