@@ -35,8 +35,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .contract import BATCH, ONNX_CODE_TO_DTYPE, ConstantSpec, StateSpec, StreamingSpec, TensorSpec, write_spec
+from .contract import BATCH, ConstantSpec, StateSpec, StreamingSpec, TensorSpec, write_spec
 from .errors import ModelFileError, SpecError
+from .adopt.graph import dims as graph_dims, dtype as graph_dtype
 from .index_bounds import with_index_bounds
 
 
@@ -69,21 +70,6 @@ def _json_value(name: str, value: Any) -> Any:
         raise SpecError(f"constant '{name}': value {value!r} is not a JSON number or list") from None
 
 
-def _dims(vi: Any) -> list[int | str | None]:
-    """Graph dims: int for fixed, the dim_param for named, None for unknown."""
-    t = vi.type.tensor_type
-    if not t.HasField("shape"):
-        raise SpecError(f"tensor '{vi.name}': the graph gives it no shape; expected a known rank")
-    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in t.shape.dim]
-
-
-def _dtype(vi: Any) -> str:
-    code = vi.type.tensor_type.elem_type
-    if code not in ONNX_CODE_TO_DTYPE:
-        raise SpecError(f"tensor '{vi.name}': ONNX element type {code} is not supported by wmdeploy")
-    return ONNX_CODE_TO_DTYPE[code]
-
-
 def parse_batch_axis(text: str) -> tuple[str, int]:
     """``"x=0"`` -> ``("x", 0)`` (``--batch-axis``)."""
     name, sep, axis = text.partition("=")
@@ -105,7 +91,7 @@ def _fixed_batch(owner: str, axis: int, size: int, hint: str) -> None:
 def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) -> tuple[StateSpec, str | None, bool]:
     """The state's spec, the dim_param of its batch axis (None if unnamed or fixed), and whether the graph
     fixes its batch at 1."""
-    dims = _dims(vin)
+    dims = graph_dims(vin)
     if not -len(dims) <= axis < len(dims):
         raise SpecError(f"state '{name}': batch axis {axis} is out of range for rank {len(dims)}")
     axis %= len(dims)
@@ -116,7 +102,7 @@ def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) 
         if dynamic:  # a fixed 1 beside a dynamic axis: the dynamic one is the batch, surely
             raise SpecError(f"state '{name}': axis {axis} is fixed at 1 but axis {dynamic[0]} ('{dims[dynamic[0]] or '?'}') "
                             f"is dynamic; give its batch axis as {name}={out}@{dynamic[0]}")
-    out_dims = _dims(vout) if vout.type.tensor_type.HasField("shape") else []
+    out_dims = graph_dims(vout) if vout.type.tensor_type.HasField("shape") else []
     shape: list[int | str] = []
     for i, d in enumerate(dims):
         if i == axis:
@@ -134,15 +120,15 @@ def _state_spec(name: str, out: str, axis: int, vin: Any, vout: Any, init: Any) 
             isinstance(o, int) and i != axis and o != shape[i] for i, o in enumerate(out_dims))):
         raise SpecError(f"state '{name}': output '{out}' has shape {[o or '?' for o in out_dims]} but the state is "
                         f"{shape}; a state's output must have the shape of its input")
-    if _dtype(vout) != _dtype(vin):
-        raise SpecError(f"state '{name}': output '{out}' is {_dtype(vout)} but the input is {_dtype(vin)}; expected the same")
+    if graph_dtype(vout) != graph_dtype(vin):
+        raise SpecError(f"state '{name}': output '{out}' is {graph_dtype(vout)} but the input is {graph_dtype(vin)}; expected the same")
     param = dims[axis] if isinstance(dims[axis], str) else None
-    return StateSpec(name, shape, _dtype(vin), init, out), param, fixed
+    return StateSpec(name, shape, graph_dtype(vin), init, out), param, fixed
 
 
 def _data_spec(vi: Any, batch_params: set[str], override: int | None, fixed_model: bool) -> tuple[TensorSpec, bool]:
     """The tensor's spec and whether the graph fixes its batch axis at 1 (rules in the module doc)."""
-    dims = _dims(vi)
+    dims = graph_dims(vi)
     if not dims:  # a scalar has no batch axis: it is a per-model setting (a sample rate), fed as a constant
         raise SpecError(f"tensor '{vi.name}': a scalar has no batch axis; pass --const {vi.name}=VALUE "
                         f"(consts={{'{vi.name}': VALUE}} in Python) for the value it takes on every call")
@@ -177,20 +163,37 @@ def _data_spec(vi: Any, batch_params: set[str], override: int | None, fixed_mode
             shape.append(d)
         else:
             shape.append(d if d and d != BATCH and d not in batch_params else f"{vi.name}_dim{i}")
-    return TensorSpec(vi.name, shape, _dtype(vi)), fixed
+    return TensorSpec(vi.name, shape, graph_dtype(vi)), fixed
 
 
-def annotate(model_path: str | Path, out_path: str | Path, states: list[str] | Mapping[str, Any],
+def annotate(model_path: str | Path, out_path: str | Path, states: list[str] | Mapping[str, Any] | None = None,
              consts: Mapping[str, Any] | list[str] | None = None, *,
              batch_axes: Mapping[str, int] | list[str] | None = None,
              inits: Mapping[str, float | int | bool] | None = None, chunk_invariant: bool = False,
-             meta: Mapping[str, Any] | None = None) -> StreamingSpec:
+             meta: Mapping[str, Any] | None = None, convention: str | None = None,
+             max_context: int | None = None) -> StreamingSpec:
     """Write a spec into a copy of ``model_path`` at ``out_path`` and return it.
 
     ``states``: ``["IN=OUT@AXIS", ...]`` or ``{IN: "OUT@AXIS" | (OUT, AXIS)}``; ``consts``: ``["NAME=VALUE",
     ...]`` or ``{NAME: value}``; ``batch_axes`` overrides the batch axis of data tensors (``{name: axis}``
     or ``["NAME=AXIS", ...]``); ``inits`` gives non-zero initial state values.
+
+    Without ``states`` the file is a decoder of a known exporter (GenAI's builder, Optimum, transformers.js):
+    its graph is rewritten into the layout of ``export hf:`` files (:mod:`.adopt`; ``convention`` forces
+    ``genai`` or ``optimum``, ``max_context`` sets the KV capacity).
     """
+    if not states:
+        extra = [flag for flag, given in (("--const", consts), ("--batch-axis", batch_axes), ("inits", inits),
+                                          ("meta", meta), ("chunk_invariant", chunk_invariant)) if given]
+        if extra:
+            raise SpecError(f"{extra[0]}: only with --state IN=OUT; a decoder adopted by its convention takes "
+                            "--convention and --max-context only")
+        from .adopt import adopt  # noqa: PLC0415
+
+        return adopt(model_path, out_path, convention=convention, max_context=max_context).spec
+    if convention is not None or max_context is not None:
+        raise SpecError(f"{'--convention' if convention is not None else '--max-context'}: only without --state "
+                        "(a decoder adopted by its convention); with --state the file is annotated as it is")
     try:
         import onnx  # noqa: PLC0415
     except ImportError:
@@ -229,8 +232,8 @@ def annotate(model_path: str | Path, out_path: str | Path, states: list[str] | M
         if name not in g_in:
             raise SpecError(f"constant '{name}': not a graph input; inputs are {sorted(g_in)}")
         value = _json_value(name, value)
-        c = ConstantSpec(name, np.asarray(value).tolist(), _dtype(g_in[name]))
-        want = _dims(g_in[name])
+        c = ConstantSpec(name, np.asarray(value).tolist(), graph_dtype(g_in[name]))
+        want = graph_dims(g_in[name])
         have = c.array().shape
         if len(have) != len(want) or any(isinstance(w, int) and w != h for w, h in zip(want, have)):
             raise SpecError(f"constant '{name}': value has shape {list(have)}, the graph expects {want}")

@@ -163,20 +163,49 @@ def inspect_cmd(
 
 
 @app.command(epilog="Example: wmdeploy annotate third_party.onnx -o adopted.onnx --state h=hN@1 --const sample_rate=16000; "
-                    "unnamed axes ([?, ?]): add --batch-axis input=0 --batch-axis output=0")
+                    "unnamed axes ([?, ?]): add --batch-axis input=0 --batch-axis output=0; a decoder from GenAI's builder, "
+                    "Optimum or transformers.js: wmdeploy annotate qwen3-genai/model.onnx -o qwen3.onnx")
 @cli_errors
 def annotate(
     model: Path = typer.Argument(..., help="a stateful ONNX file that no wmdeploy export made"),
     output: Path = typer.Option(..., "-o", "--output", help="where to write the annotated copy"),
-    state: List[str] = typer.Option(..., "--state", help="IN=OUT[@AXIS]: a state input fed back from output OUT; AXIS is its batch axis (default 0)"),
+    state: List[str] = typer.Option([], "--state", help="IN=OUT[@AXIS]: a state input fed back from output OUT; AXIS is "
+                                    "its batch axis (default 0). Without any: the file is a decoder adopted by its convention"),
     const: List[str] = typer.Option([], "--const", help="NAME=VALUE: an input fed VALUE on every call"),
     batch_axis: List[str] = typer.Option([], "--batch-axis", help="NAME=AXIS: the batch axis of a data input or output "
                                          "(needed when it has several dynamic axes and none is named like the states' batch)"),
+    convention: Optional[str] = typer.Option(None, "--convention", help="decoders: genai (GenAI builder, "
+                                             "GroupQueryAttention with a shared buffer) or optimum (a growing cache: "
+                                             "Optimum, transformers.js, onnx-community); default: recognised from the graph"),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="decoders: tokens each stream can hold (the "
+                                              "KV capacity; default from the files beside it, capped at 2048)"),
 ) -> None:
-    """Write the wmdeploy spec into a third-party stateful ONNX file so every command can use it."""
+    """Write the wmdeploy spec into a third-party stateful ONNX file so every command can use it; a decoder from
+    another exporter (no --state) is rewritten into the layout of `export hf:` files."""
+    if not state:
+        from ..adopt import adopt  # noqa: PLC0415
+
+        if const or batch_axis:
+            from ..errors import SpecError  # noqa: PLC0415
+
+            raise SpecError(f"{'--const' if const else '--batch-axis'}: only with --state IN=OUT; a decoder adopted by "
+                            "its convention takes --convention and --max-context only")
+        with console.status(escape(f"adopting {model} into {output} ...")):
+            result = adopt(model, output, convention=convention, max_context=max_context)
+        for note in result.notes:
+            console.print(f"note: {note}", soft_wrap=True, markup=False)
+        spec = result.spec
+        kv = sum(s.bytes_per_stream for s in spec.states if "context_axes" in spec.meta and s.name in spec.meta["context_axes"])
+        console.print(soft_wrap=True, markup=False, *[
+            f"wrote {output}: {result.convention} decoder, {len(spec.states)} states, max context "
+            f"{spec.meta.get('max_context', 'unbounded')} tokens, {spec.state_bytes_per_stream / 1e6:.2f} MB of state "
+            f"per stream of which {kv / 1e6:.2f} MB KV cache, vocabulary {spec.meta['vocab_size']}, tokenizer "
+            f"{'embedded' if spec.meta['vocab'].get('kind') == 'hf' else 'none (token ids only)'}"])
+        return
     from ..annotation import annotate as run_annotate  # noqa: PLC0415
 
-    spec = run_annotate(model, output, states=list(state), consts=list(const), batch_axes=list(batch_axis))
+    spec = run_annotate(model, output, states=list(state), consts=list(const), batch_axes=list(batch_axis),
+                        convention=convention, max_context=max_context)
     notes = [f"input '{t.name}' ids below {t.index_bound} (its embedding table)" for t in spec.inputs if t.index_bound]
     if spec.max_batch is not None:
         notes.append(f"batch fixed at {spec.max_batch} by the graph: a pool steps its streams one engine call each")
