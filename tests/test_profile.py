@@ -265,3 +265,22 @@ def test_server_mode_leaves_no_session_behind_when_the_server_refuses(files, ban
         assert httpx.get(f"{srv.url}/v1/sessions").json()["sessions"] == []  # the two it made are deleted
     finally:
         srv.stop()
+
+
+def test_a_language_model_is_profiled_past_its_context_capacity(tmp_path, bandwidth):
+    """An ``export hf:`` file of capacity 32, chunks of 16 over many windows: each stream starts again at the
+    capacity instead of the cell failing with ContextLengthError; every cell, stream and pool, is timed."""
+    transformers = pytest.importorskip("transformers")
+    import wmdeploy
+    from tests._hf_folders import save_folder, tiny_qwen3
+
+    folder = save_folder(tiny_qwen3(), tmp_path / "qwen3", tokenizer=False)
+    path = wmdeploy.export_hf(folder, tmp_path / "lm.onnx", max_context=32, verify=False).path
+    for mode in ("stream", "pool"):
+        rep = profile([path], batches=[1, 3], chunks=[1, 16], steps=8, warmup=2, max_windows=3, mode=mode,
+                      bandwidth=bandwidth)
+        assert len(rep.cells) == 4 and all(c.ok for c in rep.cells), [c.error for c in rep.cells]
+        assert all(c.timing.steps >= 8 for c in rep.cells)
+    (cell,) = profile([path], chunks=[64], steps=2, warmup=1, max_windows=1, bandwidth=bandwidth).cells
+    assert not cell.ok and "--chunk 64: longer than the file's context capacity of 32 tokens" in cell.error
+    assert transformers

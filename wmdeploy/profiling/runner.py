@@ -26,6 +26,7 @@ import numpy as np
 from . import machine as _machine
 from .report import Cell, ProfileReport, Progress, model_facts, positive_ints, speedups
 from .timing import measure
+from .._inputs import ContextBound
 from ..contract import StreamingSpec
 from ..errors import InputError, WmdeployError
 from ..runners import axis_sizes, sample_inputs, time_axis_name
@@ -51,10 +52,18 @@ def _run_cell(model: Any, cell: Cell, settings: dict[str, Any], on_window: Calla
     spec = model.spec
     variants = _inputs(spec, cell.batch, cell.chunk, seed=cell.batch * 1000 + cell.chunk)
     counter = iter(range(1 << 62))
+    # a language model with a context capacity (export hf:): a stream that would pass it starts again (its
+    # reset is inside that one timed step), so any number of windows fits; decode stays at real contexts
+    bound = ContextBound.of(spec)
+    capacity = bound.capacity if bound is not None else None
+    if capacity is not None and cell.chunk > capacity:
+        raise InputError(f"--chunk {cell.chunk}: longer than the file's context capacity of {capacity} tokens")
     if cell.mode == "stream":
         stream = model.stream(batch=cell.batch)
 
         def step() -> Any:
+            if capacity is not None and stream.position + cell.chunk > capacity:
+                stream.reset()
             return stream.step(**variants[next(counter) % _INPUT_VARIANTS])
 
         def final() -> dict[str, np.ndarray]:
@@ -65,6 +74,9 @@ def _run_cell(model: Any, cell: Cell, settings: dict[str, Any], on_window: Calla
         requests = [dict(zip(sids, _rows_of(spec, v, cell.batch))) for v in variants]
 
         def step() -> Any:
+            if capacity is not None and pool.position(sids[0]) + cell.chunk > capacity:
+                for sid in sids:  # every stream moved in step: they reach the capacity together
+                    pool.reset(sid)
             return pool.step(requests[next(counter) % _INPUT_VARIANTS])
 
         def final() -> dict[str, np.ndarray]:
