@@ -13,8 +13,9 @@ the tests' 320-token BPE tokenizer with a ChatML template), ``export hf:`` at ``
   aggregate decode tokens/s (completion tokens after each stream's first / the time from the first token to
   the last) against the ceiling, and the server's mean sessions per engine step (``/metrics``);
 * **multi-turn**: one conversation of ``--turns`` turns (each a new ~30-token user message), against a server
-  with the prompt cache and one with ``--prompt-cache-mb 0``: per turn the prompt tokens, the tokens actually
-  prefilled (prompt - ``cached_tokens``) and the time to first token.
+  with the prompt cache and one with ``--prompt-cache-mb 0``, each after a warm-up conversation of other text
+  (so no turn pays a first-shape cost the other server has already paid): per turn the prompt tokens, the
+  tokens actually prefilled (prompt - ``cached_tokens``) and the time to first token.
 
 The client shares the 2 cores with the server: the client's own cost is in every number (as for any user on
 one box). Servers run one after the other, each in its own process.
@@ -132,14 +133,14 @@ async def concurrent_streams(url: str, streams: int, max_tokens: int) -> dict[st
             "aggregate_tokens_per_s": sum(g[2] for g in got) / wall}
 
 
-async def multi_turn(url: str, turns: int) -> list[dict[str, Any]]:
+async def multi_turn(url: str, turns: int, opener: str = "") -> list[dict[str, Any]]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=300)
     messages: list[dict[str, str]] = []
     rows = []
     for turn in range(turns):
-        messages.append({"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]})
+        messages.append({"role": "user", "content": opener + FOLLOW_UPS[turn % len(FOLLOW_UPS)]})
         t0 = time.perf_counter()
         first = None
         pieces, usage = [], None
@@ -188,12 +189,14 @@ def main() -> int:
         conc["mean_sessions_per_step"] = (
             (metric(after, "wmdeploy_batch_size_sum") - metric(before, "wmdeploy_batch_size_sum"))
             / max(1.0, metric(after, "wmdeploy_batch_size_count") - metric(before, "wmdeploy_batch_size_count")))
+        asyncio.run(multi_turn(srv.url, args.turns, "Another conversation. "))  # warm-up: every shape seen once
         cached_turns = asyncio.run(multi_turn(srv.url, args.turns))
     finally:
         srv.stop()
     time.sleep(2.0)
     srv = Server(path, "--prompt-cache-mb", "0")
     try:
+        asyncio.run(multi_turn(srv.url, args.turns, "Another conversation. "))
         cold_turns = asyncio.run(multi_turn(srv.url, args.turns))
     finally:
         srv.stop()
