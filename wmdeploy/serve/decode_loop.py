@@ -29,6 +29,7 @@ class Generations:
         self.cache, self.check = cache, check
         self.active: dict[str, EngineCompletion] = {}
         self._store = ThreadPoolExecutor(1, thread_name_prefix="wmdeploy-prompt-cache")  # in order, off the engine
+        self._prefix: bool | None = None  # KV-only file: the prompt's entry is cut from the final state
 
     def __len__(self) -> int:
         return len(self.active)
@@ -101,13 +102,47 @@ class Generations:
         sess = self.table.live.get(gen.key)
         if sess is None:
             return
-        blob = self.table.pool.snapshot(sess.sid)  # now, between rounds: exactly ``tokens``
         tokens, logits = list(tokens), np.array(logits, dtype=np.float32)
-        self._store.submit(self._store_one, cache, owner, tokens, blob, logits)
+        if self._prefix_only and len(tokens) == len(gen.ids):
+            # the prompt's state is a prefix of the final one (KV rows past a position are masked): cut from
+            # the final snapshot later, off the engine thread, instead of a snapshot between prefill and token 1
+            gen.prompt_keep = (tokens, logits)  # type: ignore[attr-defined]
+            return
+        blob = self.table.pool.snapshot(sess.sid)  # now, between rounds: exactly ``tokens``
+        earlier = getattr(gen, "prompt_keep", None)
+        self._store.submit(self._store_one, cache, owner, tokens, blob, logits, earlier)
 
-    @staticmethod
-    def _store_one(cache: PromptCache, owner: str, tokens: list[int], blob: bytes, logits: np.ndarray) -> None:
+    def lookup(self, owner: str, ids: list[int]) -> Any:
+        """The cache's longest prefix of ``ids``, after the entries already handed to the store are in (a
+        conversation's next turn usually arrives right after its answer, before a store of it could finish)."""
+        if self.cache is None or not self.cache.enabled:
+            return None
+        self._store.submit(lambda: None).result()  # in order: every earlier store has run
+        return self.cache.lookup(owner, ids, len(ids))
+
+    @property
+    def _prefix_only(self) -> bool:
+        """Whether every state is the position or a capacity-long cache masked past it (a KV-only file)."""
+        if self._prefix is None:
+            from ..snapshot import context_axes  # noqa: PLC0415
+
+            spec = self.table.pool.spec
+            axes = context_axes(spec)
+            self._prefix = bool(axes) and all(s.name in axes or s.name == spec.meta.get("position_state")
+                                              for s in spec.states)
+        return self._prefix
+
+    def _store_one(self, cache: PromptCache, owner: str, tokens: list[int], blob: bytes, logits: np.ndarray,
+                   earlier: tuple[list[int], np.ndarray] | None = None) -> None:
         try:
             cache.store(owner, tokens, blob, logits)
+            if earlier is not None:  # the prompt's entry: the final state cut back to the prompt's length
+                from .. import snapshot as snap  # noqa: PLC0415
+
+                spec = self.table.pool.spec
+                states = snap.loads(spec, blob)
+                n = len(earlier[0])
+                states[spec.meta["position_state"]] = np.full_like(states[spec.meta["position_state"]], n)
+                cache.store(owner, earlier[0], snap.dumps(spec, states, {"steps": 1}, live=n), earlier[1])
         except Exception:  # noqa: BLE001  (a cache never fails a request)
             log.exception("prompt cache store failed")

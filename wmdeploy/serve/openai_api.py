@@ -83,7 +83,7 @@ def register_openai(app: FastAPI, ctx: Ctx, model: Model, name: str, cache: Prom
         loop = asyncio.get_running_loop()
         owner = request.scope.get(OWNER, "")
         ids = await loop.run_in_executor(workers, prompt_ids, req, lm)
-        hit = await loop.run_in_executor(workers, cache.lookup, owner, ids, len(ids))  # a shared store: I/O
+        hit = await loop.run_in_executor(workers, generations.lookup, owner, ids)  # a shared store: I/O
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         limit = min(req.max_tokens or max_generate_tokens, max_generate_tokens)
         gen = EngineCompletion(req, ids, hit, lm, owner, limit, prefill_chunk,
