@@ -17,6 +17,11 @@ the machine is shared and noisy):
 * **server memory**: resident memory of ``wmdeploy serve`` with 10 live sessions at ``--max-sessions``
   20000 and 16, and the old behaviour (the pool pre-sized to ``--max-sessions``, as before this change)
   at 20000. Each is a fresh subprocess.
+* **KV row** (issue 29, ``--kv``): a random-init Qwen3-shaped LM (4 layers, 4 KV heads of 32: 4 KiB of KV per
+  token) exported by ``export hf:`` at ``--max-context 4096`` and at 256; 64 sessions holding 50 tokens each.
+  Arena bytes of the pools (the 4096 file's pool keeps them in its 256-token tier), a decode step of all 64
+  (interleaved A/B, as above), and the resident memory of ``wmdeploy serve`` with the 64 sessions (a fresh
+  subprocess per file). The issue asks <= 1.5x the bytes and <= 1.1x the step of the 256 file.
 """
 from __future__ import annotations
 
@@ -204,6 +209,84 @@ def _shim_server(cls: Any, shim: Path, model: Path, max_sessions: int) -> Any:
         subprocess.Popen = orig  # type: ignore[misc]
 
 
+def export_kv(work: Path) -> dict[int, Path]:
+    """The KV row's model at two bounds (export hf: of a folder saved here; no download, not verified)."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, Qwen3Config  # noqa: PLC0415
+
+    import wmdeploy  # noqa: PLC0415
+
+    config = Qwen3Config(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(work / "qwen3"))
+    out = {}
+    for bound in (4096, 256):
+        out[bound] = work / f"qwen3_{bound}.onnx"
+        wmdeploy.export(f"hf:{work / 'qwen3'}", out[bound], max_context=bound, verify=False)
+    return out
+
+
+def kv_row(paths: dict[int, Path], sessions: int, context: int, rounds: int, per_round: int,
+           server: bool) -> dict[str, Any]:
+    import wmdeploy  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    pools, reqs = {}, {}
+    for bound, path in paths.items():
+        model = wmdeploy.load(path, threads=1)
+        pool = model.pool()
+        for _ in range(sessions):
+            pool.join()
+        for sid in pool.sids:  # the same 50 tokens for both files' sessions
+            pool.step({sid: {"tokens": np.arange(context, dtype=np.int64)[None] % 2048}})
+        pools[bound], reqs[bound] = pool, {s: {"tokens": rng.integers(0, 2048, (1, 1))} for s in pool.sids}
+    # each decode step moves every position on by one: at most 24 rounds of 4 keep them at 50..147 tokens, inside
+    # the 256 file's bound and the 4096 file's first tier (both files step the same contexts)
+    rounds, per_round = min(rounds, 24), min(per_round, 4)
+    t = rounds_of_medians({f"step_{b}": (lambda b=b: pools[b].step(reqs[b])) for b in paths}, rounds, per_round)
+    assert max(pools[4096].position(s) for s in pools[4096].sids) <= 256 and pools[4096].moves == 0
+    row: dict[str, Any] = {"sessions": sessions, "context": context,
+                           "pool_4096": type(pools[4096]).__name__, "pool_256": type(pools[256]).__name__,
+                           "arena_mib_4096": round(pools[4096].nbytes / 2**20, 2),
+                           "arena_mib_256": round(pools[256].nbytes / 2**20, 2),
+                           "bytes_ratio": round(pools[4096].nbytes / pools[256].nbytes, 3),
+                           "single_tier_mib_4096": round(sessions * sum(
+                               s.bytes_per_stream * (1 if s.inplace else 2) for s in pools[4096].spec.states) / 2**20, 1),
+                           "step_us_4096": round(t["step_4096"]["p50"] * 1e6, 1),
+                           "step_us_256": round(t["step_256"]["p50"] * 1e6, 1),
+                           "step_ratio": round(t["step_4096"]["p50"] / t["step_256"]["p50"], 3),
+                           "best_step_ratio": round(t["step_4096"]["best"] / t["step_256"]["best"], 3),
+                           "cpu_step_ratio": round(t["step_4096"]["cpu"] / t["step_256"]["cpu"], 3)}
+    del pools
+    if server:
+        row.update(kv_server_rss(paths, sessions, context))
+    return row
+
+
+def kv_server_rss(paths: dict[int, Path], sessions: int, context: int) -> dict[str, Any]:
+    """Resident memory of ``wmdeploy serve`` holding the sessions, one fresh subprocess per file."""
+    import httpx  # noqa: PLC0415
+
+    from _serve_server import ProcessServer  # noqa: PLC0415
+    from test_pool_growth import rss_bytes  # noqa: PLC0415
+
+    rss = {}
+    for bound, path in paths.items():
+        server = ProcessServer(path, "--max-sessions", str(sessions))
+        try:
+            with httpx.Client(base_url=server.url, timeout=120) as c:
+                for i in range(sessions):
+                    c.post("/v1/sessions", json={"id": f"s{i}"}).raise_for_status()
+                    c.post(f"/v1/sessions/s{i}/step", json={"inputs": {"tokens": [list(range(context))]}}).raise_for_status()
+            time.sleep(1.0)
+            rss[bound] = rss_bytes(server.proc.pid)
+        finally:
+            server.kill()
+    return {"rss_mib_4096": round(rss[4096] / 2**20, 1), "rss_mib_256": round(rss[256] / 2**20, 1),
+            "rss_ratio": round(rss[4096] / rss[256], 3)}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     keys = list(rows[0])
     widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
@@ -218,8 +301,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--per-round", type=int, default=4)
     ap.add_argument("--no-server", action="store_true", help="skip the server memory part")
+    ap.add_argument("--kv", action="store_true", help="only the KV row (issue 29: tiers of KV capacity)")
     args = ap.parse_args()
     import wmdeploy  # noqa: PLC0415
+
+    if args.kv:
+        with tempfile.TemporaryDirectory() as tmp:
+            row = kv_row(export_kv(Path(tmp)), 64, 50, args.rounds, args.per_round, not args.no_server)
+        print("KV row: 64 sessions of 50 tokens, --max-context 4096 file vs 256 file\n" + table([row]))
+        print(f"\nbytes {row['bytes_ratio']:.3f}x (issue 29 asks <= 1.5x), decode step {row['step_ratio']:.3f}x of "
+              f"wall-clock medians, {row['best_step_ratio']:.3f}x of the best rounds, {row['cpu_step_ratio']:.3f}x of "
+              "thread CPU time (asks <= 1.1x)" + (f"; server RSS {row['rss_ratio']:.3f}x" if "rss_ratio" in row else ""))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"kv": row, "machine": {"cpus": os.cpu_count()}}, indent=2))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sliding_window.onnx"

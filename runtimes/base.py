@@ -104,6 +104,9 @@ class Backend(ABC):
     spec: StreamingSpec
     path: Path
     device: str
+    #: whether :meth:`arena` takes ``context`` (a capacity tier of a file whose graph leaves its context axes
+    #: dynamic, ``spec.context_dim``); a pool keeps every stream at the file's full capacity where it does not
+    context_tiers: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -112,7 +115,8 @@ class Backend(ABC):
 
     @abstractmethod
     def arena(self, capacity: int) -> StateArena:
-        """Allocate working memory for ``capacity`` streams, every slot at the initial state."""
+        """Allocate working memory for ``capacity`` streams, every slot at the initial state (backends with
+        :attr:`context_tiers` also take ``context=N``: the states of ``spec.at_context(N)``)."""
 
     @abstractmethod
     def run(self, arena: StateArena, slots: Slots, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -119,7 +119,19 @@ class HostArena(StateArena):
         # A full overwrite may pick either buffer: align with slot 0 so packed pools stay on the view path.
         self.parity[idx] = self.parity[0]
         for i, s in enumerate(self.states):
-            self.scatter(i, idx, np.asarray(states[s.name], dtype=s.np_dtype))
+            self.scatter(i, idx, self._fit(s, np.asarray(states[s.name], dtype=s.np_dtype)))
+
+    def _fit(self, s: Any, values: np.ndarray) -> np.ndarray:
+        """A state of another capacity (the file's full one, into a capacity tier's arena, or the reverse): the
+        rows past the shorter context axis lie beyond every stream's position (masked), so they are cut or zeros."""
+        axis = (self.spec.meta.get("context_axes") or {}).get(s.name)
+        want = s.shape_for(values.shape[s.batch_axis]) if values.ndim == len(s.shape) else values.shape
+        if axis is None or values.shape == want or values.shape[:axis] + values.shape[axis + 1:] != want[:axis] + want[axis + 1:]:
+            return values  # the same shape, or a wrong one that scatter refuses
+        out = np.zeros(want, values.dtype)
+        rows = (slice(None),) * axis + (slice(0, min(values.shape[axis], want[axis])),)
+        out[rows] = values[rows]
+        return out
 
     def reset(self, slots: Slots) -> None:
         idx = self.slots_array(slots)

@@ -66,10 +66,11 @@ class OrtCpuArena(HostArena):
 
     supports_mixed = True
 
-    def __init__(self, backend: "OrtBackend", capacity: int) -> None:
+    def __init__(self, backend: "OrtBackend", capacity: int, context: int | None = None) -> None:
         self.backend = backend
         self._bindings: OrderedDict[Any, Any] = OrderedDict()  # key -> (IOBinding, scratch or None, kept alive)
-        super().__init__(backend.spec, capacity)
+        # a capacity tier: the graph's context axes are dynamic (spec.context_dim), so shorter buffers bind as they are
+        super().__init__(backend.spec if context is None else backend.spec.at_context(context), capacity)
 
     def resize(self, capacity: int, keep: int) -> None:
         super().resize(capacity, keep)
@@ -112,6 +113,7 @@ class OrtBackend(Backend):
 
     name = "onnxruntime"
     devices = ("cpu",)
+    context_tiers = True
 
     def __init__(self, path: str | Path, spec: StreamingSpec | None, device: str = "cpu", *, threads: int | None = None,
                  inter_op_threads: int | None = None, graph_optimization_level: str = "all",
@@ -178,10 +180,13 @@ class OrtBackend(Backend):
             if ort_type != f"tensor({want})":
                 raise ModelFileError(f"{self.path}: graph input '{name}' is {ort_type}; the spec says {dtype}")
 
-    def arena(self, capacity: int) -> OrtCpuArena:
+    def arena(self, capacity: int, context: int | None = None) -> OrtCpuArena:
         if capacity < 1:
             raise BackendError(f"arena capacity {capacity}: expected at least 1")
-        return OrtCpuArena(self, capacity)
+        if context is not None and (self.spec.context_dim is None or not 1 <= context <= int(self.spec.meta["max_context"])):
+            raise BackendError(f"arena context {context}: this file's KV capacity is fixed in its graph "
+                               f"(no meta.context_dim) or the tier is outside 1..max_context")
+        return OrtCpuArena(self, capacity, context)
 
     def run(self, arena: StateArena, slots: Slots, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert isinstance(arena, OrtCpuArena)

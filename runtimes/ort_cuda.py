@@ -193,6 +193,7 @@ class OrtCudaBackend(OrtBackend):
     name = "onnxruntime-cuda"
     devices = ("cuda",)
     provider = "CUDAExecutionProvider"
+    context_tiers = False  # the device arena has no capacity tiers yet: every stream at the file's full capacity
 
     def __init__(self, path: str | Path, spec: StreamingSpec | None, device: str = "cuda", *, cuda_graph: bool = False,
                  provider_options: Mapping[str, Any] | None = None, host_memory: bool = False,

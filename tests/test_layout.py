@@ -148,7 +148,7 @@ def test_wings_import_only_downwards():
     graph = _graph()
     runtime_path = [m for m in graph if m in ("wmdeploy.contract", "wmdeploy.streaming", "wmdeploy.snapshot",
                                               "wmdeploy.errors") or m.startswith(("wmdeploy.runtimes",
-                                                                                   "wmdeploy.serve"))]
+                                                                                   "wmdeploy.serve", "wmdeploy.pooling"))]
     for m in runtime_path:
         bad = {t for t in graph[m] if t.startswith(("wmdeploy.transform", "wmdeploy.profiling", "wmdeploy.cli",
                                                    "wmdeploy.exporter", "wmdeploy.torch_module", "wmdeploy.hf"))}

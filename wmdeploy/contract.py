@@ -331,6 +331,19 @@ class StreamingSpec:
         layout = [[s.name, s.output, s.dtype, list(s.shape)] for s in self.states]
         return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
+    @property
+    def context_dim(self) -> str | None:
+        """``meta.context_dim``: the graph's name for the ``meta.context_axes`` (any capacity up to the spec's)."""
+        dim = self.meta.get("context_dim")
+        return dim if isinstance(dim, str) and isinstance(self.meta.get("context_axes"), dict) else None
+
+    def at_context(self, n: int) -> "StreamingSpec":
+        """The states with every context axis ``n`` long (a capacity tier's arena; snapshots use the file's spec)."""
+        axes = self.meta.get("context_axes") or {}
+        states = [StateSpec(s.name, tuple(n if i == axes.get(s.name) else d for i, d in enumerate(s.shape)),
+                            s.dtype, s.init, s.output, s.doc, s.inplace) for s in self.states]
+        return StreamingSpec(self.inputs, self.outputs, states, self.constants, self.chunk_invariant, self.meta)
+
     def with_meta(self, **meta: Any) -> "StreamingSpec":
         return StreamingSpec(self.inputs, self.outputs, self.states, self.constants, self.chunk_invariant,
                              {**self.meta, **meta})

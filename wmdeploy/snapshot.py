@@ -61,15 +61,23 @@ def dumps(spec: StreamingSpec, states: Mapping[str, np.ndarray], meta: dict[str,
     entries, chunks, offset = [], [], 0
     batch = np.shape(states[spec.states[0].name])[spec.states[0].batch_axis] if spec.states else 1
     trim = context_axes(spec, inplace_only=True) if live is not None else {}
+    axes = context_axes(spec)
     for s in spec.states:
         arr = np.ascontiguousarray(states[s.name], dtype=s.np_dtype.newbyteorder("<"))
-        if arr.shape != s.shape_for(batch):
-            raise SnapshotError(f"state '{s.name}': shape {list(arr.shape)}, expected {list(s.shape_for(batch))}")
+        full, axis = s.shape_for(batch), axes.get(s.name, -1)
+        # a capacity tier's buffer (wmdeploy.pooling) is shorter on its context axis: written as the file's
+        short = axis >= 0 and arr.ndim == len(full) and arr.shape[axis] < full[axis] and \
+            arr.shape[:axis] + arr.shape[axis + 1:] == full[:axis] + full[axis + 1:]
+        if arr.shape != full and not short:
+            raise SnapshotError(f"state '{s.name}': shape {list(arr.shape)}, expected {list(full)}")
         extra: dict[str, int] = {}
-        if s.name in trim and live is not None and 0 <= live < arr.shape[trim[s.name]]:
-            axis = trim[s.name]
-            extra = {"axis": axis, "extent": arr.shape[axis]}
+        if s.name in trim and live is not None and 0 <= live < full[axis] and live <= arr.shape[axis]:
+            extra = {"axis": axis, "extent": full[axis]}
             arr = np.ascontiguousarray(arr[(slice(None),) * axis + (slice(0, live),)])
+        elif short:  # stored whole (the portable form's snapshots): the rows past the tier are masked, as zeros
+            padded = np.zeros(full, arr.dtype)
+            padded[(slice(None),) * axis + (slice(0, arr.shape[axis]),)] = arr
+            arr = padded
         raw = arr.tobytes()
         entries.append({"name": s.name, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
                         "nbytes": len(raw), **extra})

@@ -11,8 +11,9 @@ their inputs and makes one engine call per distinct shape, never padding (a gene
 input, so padded steps would run through the recurrence and change the state). The cost is one extra
 engine call per extra distinct length (``bench/bench_runtime.py``). Within one call streams never mix.
 
-Language models with a context bound (``meta.max_context``, ``export hf:``) carry each stream's position:
-a step past the capacity is refused before any engine call (``ContextLengthError``); snapshots: KV to there.
+Language models with a context bound (``meta.max_context``, ``export hf:``) carry each stream's position: a step
+past it is refused before any engine call (``ContextLengthError``); snapshots: KV to there; capacity tiers and a
+byte budget: :mod:`wmdeploy.pooling`.
 
 Memory follows the live streams: a pool's ``capacity`` is a limit (``None``: none), not an allocation.
 Its arena grows geometrically (x2) when a stream joins a full arena, and shrinks (to twice the live
@@ -33,14 +34,17 @@ import itertools
 import time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from . import snapshot as _snap
-from ._inputs import ContextBound, as_count, check_inputs, rows_of
+from ._inputs import ContextBound, check_inputs, rows_of
 from .contract import StreamingSpec
 from .errors import BackendError, CapacityError, InputError, SnapshotError
+from .pooling.calls import Call, run_calls
+from .pooling.limits import pool_args
+from .pooling.tiered import TieredPool, tier_sizes
 from .runtimes import create
 from .runtimes.base import Backend, StateArena
 
@@ -104,10 +108,16 @@ class Model:
         """A fresh working memory (the spec's initial values), or one resumed from ``snapshot``."""
         return Stream(self, batch=batch, snapshot=snapshot)
 
-    def pool(self, capacity: int | None = None, *, reserve: int = 0, shrink_after_s: float = 30.0) -> "StreamPool":
+    def pool(self, capacity: int | None = None, *, reserve: int = 0, shrink_after_s: float = 30.0,
+             max_bytes: int | None = None, tiers: Sequence[int] | None = None) -> "StreamPool | TieredPool":
         """Streams stepped together, one engine call per distinct chunk shape; at most ``capacity`` of them
-        (``None``: no limit). Memory grows with the streams that join; ``reserve`` slots are allocated now."""
-        return StreamPool(self, capacity, reserve=reserve, shrink_after_s=shrink_after_s)
+        (``None``: no limit). Memory grows with the streams that join; ``reserve`` slots are allocated now. A file
+        with a dynamic KV capacity keeps each stream in the smallest of ``tiers`` that holds it; ``max_bytes`` caps
+        what the arenas hold (``CapacityError`` beyond): then it is a ``pooling.TieredPool``."""
+        opts: dict[str, Any] = {"reserve": reserve, "shrink_after_s": shrink_after_s}
+        if max_bytes is not None or len(tier_sizes(self, tiers)) > 1:  # StreamPool: the pool of each tier
+            return TieredPool(self, StreamPool, capacity, max_bytes=max_bytes, tiers=tiers, **opts)
+        return StreamPool(self, capacity, **opts)
 
     def describe(self) -> dict[str, Any]:
         return {**self.backend.describe(), "selection": self.selection, "path": str(self.path)}
@@ -195,13 +205,7 @@ class StreamPool:
 
     def __init__(self, model: Model, capacity: int | None = None, *, reserve: int = 0,
                  shrink_after_s: float = 30.0) -> None:
-        capacity, reserve = as_count(capacity), as_count(reserve)  # numpy integers are counts too
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-            raise CapacityError(f"pool capacity {capacity!r}: expected at least 1, or None for no limit")
-        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0 or (capacity and reserve > capacity):
-            raise CapacityError(f"pool reserve {reserve!r}: expected 0..{capacity if capacity else 'any'} slots")
-        if not shrink_after_s >= 0:  # NaN too
-            raise InputError(f"pool shrink_after_s {shrink_after_s!r}: expected seconds >= 0")
+        capacity, reserve = pool_args(capacity, reserve, shrink_after_s)
         self.model, self.spec, self.capacity = model, model.spec, capacity
         self.reserve, self.shrink_after_s = reserve, float(shrink_after_s)
         self._floor = max(1, reserve)  # never shrink below this many slots
@@ -256,20 +260,21 @@ class StreamPool:
             self._arena = arena
         self._low_since = None
 
-    def trim(self) -> bool:
-        """Give memory back if at most a quarter of the slots have been in use for ``shrink_after_s``
-        (also checked on every leave and step; a server calls it from its periodic sweep). True if it shrank."""
+    def trim(self, force: bool = False) -> bool:
+        """Give memory back if at most a quarter of the slots have been in use for ``shrink_after_s`` (also checked
+        on every leave and step; a server calls it from its periodic sweep). True if it shrank. ``force``: now,
+        down to the live streams (a tiered pool at its memory budget)."""
         n, allocated = len(self._sid_at), self._arena.capacity
-        if allocated <= self._floor or n > allocated // 4:
+        if allocated <= max(self._floor, n) or (n > allocated // 4 and not force):
             self._low_since = None
             return False
         now = time.monotonic()
         if self._low_since is None:
             self._low_since = now
-        if now - self._low_since < self.shrink_after_s:
+        if now - self._low_since < self.shrink_after_s and not force:
             return False
         try:
-            self._resize(max(self._floor, _pow2_at_least(2 * n)))
+            self._resize(max(self._floor, n if force else _pow2_at_least(2 * n)))
         except (MemoryError, BackendError):  # shrinking is an optimisation: keep the memory, retry later
             self._low_since = now
             return False
@@ -277,8 +282,9 @@ class StreamPool:
         return True
 
     # ---- membership -----------------------------------------------------------------------------------
-    def join(self, snapshot: bytes | None = None) -> int:
-        """Add a stream (fresh, or resumed from a one-stream snapshot); return its id.
+    def join(self, snapshot: bytes | None = None, *, sid: int | None = None) -> int:
+        """Add a stream (fresh, or resumed from a one-stream snapshot); return its id (``sid``: this one, which
+        a tiered pool gives a stream it moves between its tiers' pools, so that its id never changes).
 
         All-or-nothing: the snapshot is checked in full before the pool changes, so a refused one takes
         no slot. ``CapacityError`` at the pool's limit, or if its arena cannot grow (out of memory).
@@ -305,7 +311,7 @@ class StreamPool:
             self._arena.write([slot], restored)
         else:
             self._arena.reset([slot])
-        sid = next(self._ids)
+        sid = next(self._ids) if sid is None else sid
         self._slot[sid] = slot
         self._sid_at.append(sid)
         self._steps[sid] = steps
@@ -357,10 +363,15 @@ class StreamPool:
     def step(self, requests: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, np.ndarray]]:
         """Step the streams in ``requests`` (sid -> inputs with a batch axis of 1); return sid -> outputs.
 
-        All-or-nothing: every request is checked before any engine call, so a bad input steps no stream;
-        and if one of several engine calls (one per chunk shape) fails, the streams of the calls that had
-        succeeded are rolled back, so the step raises with every stream's state as it was.
+        All-or-nothing: every request is checked before any engine call, so a bad input steps no stream; and if
+        one of several engine calls (one per chunk shape) fails, the others' streams are rolled back.
         """
+        calls, advance = self.plan(requests)  # then one engine call each, rolled back together if one fails
+        return self.settle(calls, run_calls(calls), advance)
+
+    def plan(self, requests: Mapping[int, Mapping[str, Any]]) -> tuple[list[Call], dict[int, int]]:
+        """Check every request and group them into engine calls, running nothing: (calls, tokens each stream
+        advances). A tiered pool runs the calls of all its tiers at once (``pooling.run_calls``), then settles."""
         groups: dict[tuple, list[tuple[int, int, dict[str, np.ndarray]]]] = {}
         advance: dict[int, int] = {}
         for sid, inputs in requests.items():
@@ -370,43 +381,30 @@ class StreamPool:
                 advance[sid] = self._bound.check(self._pos[sid], feeds, f"stream {sid}: ")
             key = tuple(a.shape for a in feeds.values())
             groups.setdefault(key, []).append((slot, sid, feeds))
-        arena, backend = self._arena, self.model.backend
-        calls = []
         cap = self.spec.max_batch  # a graph with a fixed batch (meta.max_batch): at most that many per call
         if cap is not None:
             groups = {(key, i): ms[i:i + cap] for key, ms in groups.items() for i in range(0, len(ms), cap)}
         if self._bound is not None:  # GroupQueryAttention: a multi-token call of streams with a past is one stream
             groups = self._bound.split(groups, self._pos)
+        calls = []
         for members in groups.values():
             members.sort(key=lambda m: m[0])
-            slots_list = [m[0] for m in members]
-            n = len(members)
-            contiguous = slots_list[-1] - slots_list[0] == n - 1
-            slots: Any = range(slots_list[0], slots_list[-1] + 1) if contiguous else np.asarray(slots_list, np.intp)
-            calls.append((members, slots))
-        token = None
-        if len(calls) > 1:  # the earlier calls' streams must be restorable if a later call fails
-            token = arena.checkpoint(np.asarray([m[0] for members, _ in calls[:-1] for m in members], np.intp))
-        done = []
-        try:
-            for members, slots in calls:
-                if len(members) == 1:
-                    feeds = members[0][2]
-                else:
-                    feeds = {t.name: np.concatenate([m[2][t.name] for m in members], axis=t.batch_axis)
-                             for t in self.spec.inputs}
-                done.append((members, backend.run(arena, slots, feeds)))
-        except BaseException:
-            if token is not None:
-                arena.rollback(token)
-            raise
-        if token is not None:
-            arena.commit(token)
+            first, last = members[0][0], members[-1][0]
+            contiguous = last - first == len(members) - 1
+            slots: Any = range(first, last + 1) if contiguous else np.asarray([m[0] for m in members], np.intp)
+            feeds = members[0][2] if len(members) == 1 else {
+                t.name: np.concatenate([m[2][t.name] for m in members], axis=t.batch_axis) for t in self.spec.inputs}
+            calls.append(Call(self.model.backend, self._arena, members, slots, feeds))
+        return calls, advance
+
+    def settle(self, calls: list[Call], outs: list[dict[str, np.ndarray]], advance: Mapping[int, int]
+               ) -> dict[int, dict[str, np.ndarray]]:
+        """After :meth:`plan`'s calls ran: each stream's outputs, its step count and position moved on."""
         results: dict[int, dict[str, np.ndarray]] = {}
-        for members, outs in done:
-            n = len(members)
-            split = {t.name: rows_of(outs[t.name], t.batch_axis, n) for t in self.spec.outputs}
-            for i, (_, sid, _) in enumerate(members):
+        for call, out in zip(calls, outs):
+            n = len(call.members)
+            split = {t.name: rows_of(out[t.name], t.batch_axis, n) for t in self.spec.outputs}
+            for i, (_, sid, _) in enumerate(call.members):
                 results[sid] = {name: rows[i] for name, rows in split.items()}
                 self._steps[sid] += 1
         for sid, t in advance.items():

@@ -276,14 +276,22 @@ def check_writable(path: Path) -> None:
         raise ExportError(f"output {path}: not writable")
 
 
+def _context_axis(spec: StreamingSpec, state: str) -> dict[int, str]:
+    """{axis: name} of a state's context axis where the spec leaves it dynamic in the graph (``meta.context_dim``):
+    the spec keeps the bound as an int (the layout hash of every snapshot), the graph takes any capacity."""
+    dim = spec.context_dim
+    axis = (spec.meta.get("context_axes") or {}).get(state) if dim else None
+    return {int(axis): dim} if dim and isinstance(axis, int) else {}
+
+
 def _set_declared_shapes(model: Any, spec: StreamingSpec) -> None:
     """Rewrite the graph's declared input/output shapes and types from the spec."""
     declared: dict[str, tuple[tuple[Any, ...], str]] = {}
     for t in (*spec.inputs, *spec.outputs):
         declared[t.name] = (t.shape, t.dtype)
     for s in spec.states:
-        declared[s.name] = (s.shape, s.dtype)
-        declared[s.output] = (s.shape, s.dtype)
+        shape = tuple(_context_axis(spec, s.name).get(i, d) for i, d in enumerate(s.shape))
+        declared[s.name] = declared[s.output] = (shape, s.dtype)
     for c in spec.constants:
         declared[c.name] = (tuple(c.array().shape), c.dtype)
     for value in (*model.graph.input, *model.graph.output):
@@ -334,8 +342,7 @@ def _torch_export(module: torch.nn.Module, spec: StreamingSpec, path: Path, opse
         for t in (*spec.inputs, *spec.outputs):
             dynamic_axes[t.name] = t.dynamic_axes
         for s in spec.states:
-            dynamic_axes[s.name] = {s.batch_axis: BATCH}
-            dynamic_axes[s.output] = {s.batch_axis: BATCH}
+            dynamic_axes[s.name] = dynamic_axes[s.output] = {s.batch_axis: BATCH, **_context_axis(spec, s.name)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(path), dynamo=False, input_names=names_in, output_names=names_out,

@@ -189,6 +189,7 @@ def serve_cmd(
     max_batch: int = typer.Option(64, "--max-batch", help="most sessions stepped in one engine call"),
     batch_window_ms: float = typer.Option(2.0, "--batch-window-ms", help="how long a batch waits for more sessions"),
     max_sessions: int = typer.Option(256, "--max-sessions", help="sessions held in memory; beyond: evict an idle one past its TTL, else 429"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="bytes the sessions' state may hold (2GB, 512MB, 1.5GiB); beyond: evict idle sessions to --persist, else 429 [default: no budget]"),
     session_ttl: Optional[float] = typer.Option(None, "--session-ttl", help="seconds idle before a session leaves memory (restored from --persist)"),
     # a str, not a Path: Path("redis://h:6379/0") would collapse the "//"
     persist: Optional[str] = typer.Option(None, "--persist", help="directory of the crash-safe state log, or redis://HOST:PORT/DB shared by replicas"),
@@ -218,5 +219,5 @@ def serve_cmd(
                       backend=backend, backend_options=precision_option(precision), threads=threads, max_request_bytes=max_request_bytes, max_chunk=max_chunk,
                       grpc_port=grpc_port, max_generate_tokens=max_generate_tokens, persist_ttl=persist_ttl,
                       request_timeout=request_timeout, prompt_cache_mb=prompt_cache_mb,
-                      max_prefill_chunk=max_prefill_chunk),
+                      max_prefill_chunk=max_prefill_chunk, max_memory=max_memory),
           log_level=log_level)

@@ -123,6 +123,9 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
         # capacity-long KV caches hold one row per position on axis 2, masked past it: snapshots of the in-place
         # form keep only the live rows, and either form reads them (snapshot.context_axes)
         meta["context_axes"] = {t.input_name: 2 for t in layout.tensors if t.kind in ("key", "value") and not t.window}
+        # ... and the graph leaves that axis dynamic: one file runs at any capacity up to max_context, so a pool
+        # keeps each stream in the smallest tier that holds it (wmdeploy.pooling); the spec keeps the bound
+        meta["context_dim"] = "capacity"
     forward_kwargs = prepare(model, found.family, layout)
     attn.register()
     model.config._attn_implementation = attn.IMPLEMENTATION

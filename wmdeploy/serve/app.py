@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import InputError, WmdeployError
+from ..pooling.limits import parse_size
 from ..streaming import Model, load
 from ..triton import default_model_name
 from . import kserve
@@ -66,6 +67,7 @@ class ServeConfig:
     grpc_port: int | None = None  # KServe v2 over gRPC beside HTTP (0: a free port); None: HTTP only
     prompt_cache_mb: float = 256.0  # OpenAI routes: states of recent conversations kept (LRU); 0: no cache
     max_prefill_chunk: int = 256  # OpenAI routes: prompt tokens per engine step of a new completion
+    max_memory: int | str | None = None  # bytes the session arenas may hold ("2GB"; 429 beyond); None: no budget
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,6 +95,8 @@ class ServeConfig:
         if isinstance(self.prompt_cache_mb, bool) or not isinstance(self.prompt_cache_mb, (int, float)) or not (
                 math.isfinite(self.prompt_cache_mb) and self.prompt_cache_mb >= 0):
             raise bad("--prompt-cache-mb", self.prompt_cache_mb, "a number of megabytes >= 0")
+        if self.max_memory is not None:
+            self.max_memory = parse_size(self.max_memory, "--max-memory")
         if not isinstance(self.max_prefill_chunk, int) or self.max_prefill_chunk < 1:
             raise bad("--max-prefill-chunk", self.max_prefill_chunk, "a positive integer")
         if not isinstance(self.max_generate_tokens, int) or self.max_generate_tokens < 1:
@@ -155,7 +159,8 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
     metrics = Metrics()
     # a directory (this process's log) or redis://HOST:PORT/DB (shared by replicas of this model name)
     state_log = open_store(config.persist, name, ttl_s=config.persist_ttl) if config.persist is not None else None
-    table = SessionTable(model, config.max_sessions, config.session_ttl, state_log, metrics)
+    table = SessionTable(model, config.max_sessions, config.session_ttl, state_log, metrics,
+                         max_bytes=config.max_memory)  # type: ignore[arg-type]  (bytes after __post_init__)
     batcher = Batcher(table, config.max_batch, config.batch_window_ms / 1e3,
                       config.max_queue or 4 * config.max_sessions, deadline_s=config.request_timeout,
                       persist_ttl=config.persist_ttl if config.persist is not None else None)
@@ -172,6 +177,12 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
                   "--max-sessions is only their limit)", lambda: table.pool.allocated)
     metrics.gauge("wmdeploy_arena_bytes", "bytes of state memory the arena holds (ping and pong buffers)",
                   lambda: table.pool.nbytes)
+    if hasattr(table.pool, "bytes_by_tier"):  # KV capacity tiers (pooling.TieredPool): memory follows the context
+        metrics.gauge("wmdeploy_arena_tier_bytes", "bytes the arena of each KV capacity tier holds (tier: its "
+                      "tokens; 0: the model has no context bound)", lambda: table.pool.bytes_by_tier(), label="tier")
+    if config.max_memory is not None:
+        metrics.gauge("wmdeploy_max_memory_bytes", "--max-memory: the bytes the arenas may hold (429 beyond)",
+                      lambda: config.max_memory)
     metrics.gauge("wmdeploy_queued_steps", "steps waiting for the engine thread", batcher.queued)
     batcher.start()
     log.info("serving", extra={"event": "start", "model": str(config.model), "model_name": name,

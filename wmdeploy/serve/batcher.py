@@ -300,6 +300,7 @@ class Batcher:
                 sess = table.start(job.key, busy) if job.start else table.resident(job.key, job.what, busy)
                 # a step past a language model's context is this client's error, refused before any batching
                 table.pool.check_context(sess.sid, job.feeds, f"{job.what} '{display(job.key)}': ")
+                table.fit(sess, job.feeds, busy)  # a larger KV tier if this step needs it: 429 at --max-memory
             except Exception as exc:  # noqa: BLE001
                 self._fail(job, exc)
                 continue

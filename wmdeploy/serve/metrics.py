@@ -11,7 +11,7 @@ arena's allocated slots and bytes (gauges).
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -61,7 +61,7 @@ class Metrics:
         self.inter_token_seconds = _Histogram(SECONDS_BUCKETS)
         self.completion_seconds = _Histogram(SECONDS_BUCKETS + (10.0, 30.0, 60.0))
         self.expirations = 0  # persisted sessions deleted by --persist-ttl
-        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.gauges: dict[str, tuple[str, Callable[[], Any], str]] = {}
 
     def request(self, route: str, method: str, code: int, seconds: float, step: bool) -> None:
         key = (("route", route), ("method", method), ("code", str(code)))
@@ -120,8 +120,9 @@ class Metrics:
         with self._lock:
             self.expirations += n
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self.gauges[name] = (help_text, read)
+    def gauge(self, name: str, help_text: str, read: Callable[[], Any], label: str = "") -> None:
+        """A value read at scrape time; with ``label``, ``read`` returns {label value: value} (one series each)."""
+        self.gauges[name] = (help_text, read, label)
 
     def render(self) -> str:
         out: list[str] = []
@@ -149,8 +150,9 @@ class Metrics:
             family("wmdeploy_errors_total", "counter", "refused or failed requests and steps, by kind")
             for kind, n in sorted(self.errors.items()):
                 out.append(f"wmdeploy_errors_total{_labels((('kind', kind),))} {n}")
-            family("wmdeploy_evictions_total", "counter", "sessions taken out of memory, by reason (ttl, capacity)")
-            for reason in ("ttl", "capacity"):
+            family("wmdeploy_evictions_total", "counter", "sessions taken out of memory, by reason (ttl, capacity, "
+                   "memory: --max-memory)")
+            for reason in ("ttl", "capacity", "memory"):
                 out.append(f'wmdeploy_evictions_total{{reason="{reason}"}} {self.evictions.get(reason, 0)}')
             family("wmdeploy_restores_total", "counter", "evicted or persisted sessions restored from --persist")
             out.append(f"wmdeploy_restores_total {self.restores}")
@@ -177,7 +179,10 @@ class Metrics:
                       self.inter_token_seconds)
             histogram("wmdeploy_completion_seconds", "an OpenAI completion, received to its last token",
                       self.completion_seconds)
-        for name, (help_text, read) in self.gauges.items():
+        for name, (help_text, read, label) in self.gauges.items():
             family(name, "gauge", help_text)
-            out.append(f"{name} {read():.9g}")
+            if label:
+                out.extend(f"{name}{_labels(((label, str(k)),))} {v:.9g}" for k, v in read().items())
+            else:
+                out.append(f"{name} {read():.9g}")
         return "\n".join(out) + "\n"

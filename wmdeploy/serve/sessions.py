@@ -26,7 +26,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .. import snapshot as _snap
 from ..errors import CapacityError, SnapshotError, WmdeployError
@@ -92,10 +92,12 @@ class SessionTable:
     """Resident sessions in LRU order (oldest first), plus the persisted ones in ``log``."""
 
     def __init__(self, model: Model, capacity: int, ttl: float | None, log_: SessionStore | None,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, max_bytes: int | None = None) -> None:
         self.model, self.capacity, self.ttl, self.log, self.metrics = model, capacity, ttl, log_, metrics
-        # capacity is the pool's limit, not an allocation: its arena grows with the resident sessions
-        self.pool = model.pool(capacity)
+        # capacity is the pool's limit, not an allocation: its arena grows with the resident sessions; with a
+        # dynamic KV capacity each session's stream sits in the smallest tier that holds its context (pooling)
+        self.pool = model.pool(capacity, max_bytes=max_bytes)
+        self.max_bytes = max_bytes
         self.live: OrderedDict[str, Session] = OrderedDict()
         self.forgotten: OrderedDict[str, str] = OrderedDict()
         # sessions of one request (an OpenAI completion): resident only, never written to the store, never
@@ -156,11 +158,40 @@ class SessionTable:
     def _join(self, key: str, snapshot: bytes | None, busy: set[str]) -> Session:
         steps = _snapshot_steps(snapshot) if snapshot is not None else 0  # before the pool holds a slot for it
         self._make_room(busy)
-        sid = self.pool.join(snapshot)
+        sid = self._within_memory(lambda: self.pool.join(snapshot), busy)
         sess = Session(key, sid, steps, time.monotonic())
         self.live[key] = sess
         self.forgotten.pop(key, None)
         return sess
+
+    def _within_memory(self, act: Callable[[], Any], busy: set[str]) -> Any:
+        """``act()`` (a join, or a move to a larger KV tier); at the memory budget (--max-memory) evict idle
+        sessions, oldest first, until it fits: any idle one with --persist (its state is in the store), else only
+        those past --session-ttl. ``CapacityError`` (429) naming the budget when none can go."""
+        while True:
+            try:
+                return act()
+            except CapacityError:
+                if self.max_bytes is None or not self._evict_idle(busy):
+                    raise
+
+    def _evict_idle(self, busy: set[str]) -> bool:
+        now = time.monotonic()
+        for key, sess in self.live.items():  # oldest first
+            if key in busy or key in self.ephemeral:
+                continue
+            if self.log is None and (self.ttl is None or now - sess.last_used < self.ttl):
+                return False  # not stored, and the oldest idle one is younger than the TTL: so is every other
+            self.evict(key, "memory")
+            return True
+        return False
+
+    def fit(self, sess: Session, feeds: dict[str, Any], busy: set[str]) -> None:
+        """Before a step: move the session's stream to the KV capacity tier the step needs (memory budget as
+        for a join), so that a refusal is this session's 429, never its batch's."""
+        fit = getattr(self.pool, "fit", None)
+        if fit is not None:
+            self._within_memory(lambda: fit(sess.sid, feeds), busy)
 
     def resident(self, key: str, what: str = "session", busy: set[str] | None = None) -> Session:
         """The session, restored from the log into the pool if it was evicted; raises if unknown."""
