@@ -1,7 +1,7 @@
-"""The README's scale-out recipe, run as written: its nginx block in front of two `wmdeploy serve` replicas
+"""The documented scale-out recipe (docs/scale-out.md), run as written: its nginx block in front of two `wmdeploy serve` replicas
 sharing one real Redis, all on 127.0.0.1.
 
-The nginx configuration is taken from README.md itself (only the upstream addresses and the listen port
+The nginx configuration is taken from docs/scale-out.md itself (only the upstream addresses and the listen port
 are replaced), so the snippet a user copies is the one tested: the session id in the path and the
 `X-Sequence-Id` header pin a session to one replica, WebSockets pass through, and when a replica dies the
 next one serves its sessions from Redis, bit for bit.
@@ -31,20 +31,20 @@ for _tool, _package, _found in (("redis-server", "redis-server", shutil.which("r
     if _found is None:
         pytest.skip(f"{_tool} is not installed (apt-get install {_package}; .ci/run does it)", allow_module_level=True)
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+RECIPE = Path(__file__).resolve().parent.parent / "docs" / "scale-out.md"  # the documented recipe, as written
 
 
 def readme_nginx_block() -> str:
-    text = README.read_text()
+    text = RECIPE.read_text()
     blocks = re.findall(r"```nginx\n(.*?)```", text, re.S)
-    assert len(blocks) == 1, "README.md should hold exactly one nginx block (the scale-out recipe)"
+    assert len(blocks) == 1, "docs/scale-out.md should hold exactly one nginx block (the scale-out recipe)"
     return blocks[0]
 
 
 def nginx_conf(block: str, listen: int, upstreams: list[str], tmp: Path) -> str:
-    """The README's block with our addresses, inside the minimal main/events/http frame nginx needs."""
+    """The recipe's block with our addresses, inside the minimal main/events/http frame nginx needs."""
     servers = re.findall(r"^\s*server \d+\.\d+\.\d+\.\d+:\d+ (.*);", block, re.M)
-    assert servers, "the README's upstream lists its replicas as `server HOST:PORT ...;`"
+    assert servers, "the recipe's upstream lists its replicas as `server HOST:PORT ...;`"
     params = servers[0]
     block = re.sub(r"^(\s*)server \d+\.\d+\.\d+\.\d+:\d+ .*;\n", "", block, flags=re.M)
     ours = "".join(f"    server {u} {params};\n" for u in upstreams)
@@ -103,7 +103,7 @@ def upstreams_of(log: Path, pattern: str) -> list[str]:
 
 def test_v2_sequences_follow_their_header_and_a_websocket_passes(balanced, rt_lstm):
     """KServe v2 carries the sequence id in the body: clients also send it as X-Sequence-Id, which the
-    README's map hashes, so every request of a sequence reaches one replica and sequences spread."""
+    recipe's map hashes, so every request of a sequence reaches one replica and sequences spread."""
     ws_sync = pytest.importorskip("websockets.sync.client")
     url, log = balanced["url"], balanced["log"]
     rng = np.random.default_rng(12)
