@@ -15,9 +15,9 @@ quantize is refused.
 
 ``accuracy_level`` is MatMulNBits' compute type: 0 unset (fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8. On x86
 only level 4 has its own kernels (activations quantized to int8 per block, AVX-512 VNNI / AVX-VNNI dot
-products); the other levels dequantize to fp32. The defaults were measured: level 4 decodes 2.2x faster
-than level 0 at batch 1 (``bench/bench_lm.py``, ~100M Qwen3-shaped model, 2 cores with VNNI); block 32 is
-within that shared box's noise of block 128 in speed and closer to float (top-1 agreement 0.92 against
+products); the other levels dequantize to fp32. The defaults were measured: level 4 decodes 1.8-2.2x faster
+than level 0 at batch 1 (``bench/bench_lm.py``, ~100M Qwen3-shaped model, 2 cores with VNNI); block 128 is
+1.15x faster than block 32 but block 32 is closer to float (top-1 agreement 0.92 against
 0.88 on the trained LM of ``tests/test_quantize_int4.py``); symmetric and asymmetric agree within noise,
 and symmetric is 0.5 bit per weight smaller. Block 32 symmetric is also GenAI's builder default.
 """
