@@ -177,6 +177,38 @@ def test_a_trimmed_snapshot_is_checked_like_any_other(exported, reference):
         snapshot.loads(other, s.snapshot())
 
 
+def _rechecksummed(blob: bytes, edit: Any) -> bytes:
+    """``blob`` with ``edit(header)`` applied and a valid checksum again (anyone can re-checksum: it is no MAC)."""
+    import hashlib  # noqa: PLC0415
+
+    header, block = snapshot.read_header(blob)
+    edit(header)
+    raw = json.dumps(header).encode()
+    body = snapshot._PREFIX.pack(snapshot.MAGIC, snapshot.VERSION, 0, len(raw)) + raw + bytes(block)
+    return body + hashlib.sha256(body).digest()
+
+
+@pytest.mark.parametrize("edit", [lambda h: h["states"][1].update(axis=2.0),
+                                  lambda h: h["states"][1].update(axis=[2]),
+                                  lambda h: h["states"][1].update(extent=float(CAPACITY) + 0.5),
+                                  lambda h: h["states"].insert(0, {**h["states"][0], "offset": 0})],
+                         ids=["float-axis", "list-axis", "float-extent", "a-state-twice"])
+def test_a_damaged_trimmed_snapshot_is_one_snapshot_error(exported, reference, edit):
+    """Axis/extent entries that are not ints, and a state listed twice (which entry would the pool's tier choice and
+    the load each read?), are refused as SnapshotError by every reader, before anything is allocated."""
+    ids, _ = reference
+    model = wmdeploy.load(exported.path)
+    s = model.stream()
+    s.step(**_tok(ids[0, :5]))
+    bad = _rechecksummed(s.snapshot(), edit)
+    with pytest.raises(SnapshotError, match="snapshot: "):
+        model.stream(snapshot=bad)
+    pool = model.pool(tiers=[8])
+    with pytest.raises(SnapshotError, match="snapshot: "):
+        pool.join(bad)
+    assert len(pool) == 0
+
+
 def test_the_portable_form_gives_the_same_numbers_and_ping_pongs(folder, exported, tmp_path, reference):
     ids, ref = reference
     result = wmdeploy.export_hf(folder, tmp_path / "portable.onnx", max_context=CAPACITY, attention="portable")

@@ -47,3 +47,41 @@ def test_a_weight_read_twice_is_left_alone():
     assert merge_sibling_matmuls(model) == 1  # q and v merge; k's weight is shared with another MatMul
     for a, b in zip(before, _run(model)):
         np.testing.assert_array_equal(a, b)
+
+
+def _siblings(opset: int = 17, weights_as_inputs: bool = False, weight_as_output: bool = False,
+              weight_in_subgraph: bool = False) -> onnx.ModelProto:
+    """x @ wq and x @ wk, with wk (or both) also visible outside the two MatMuls in the ways a graph allows."""
+    rng = np.random.default_rng(1)
+    w = {n: rng.standard_normal((8, 4)).astype(np.float32) for n in ("wq", "wk")}
+    nodes = [helper.make_node("MatMul", ["x", n], [f"y_{n}"]) for n in w]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])]
+    outputs = [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, ["b", 4]) for n in w]
+    if weights_as_inputs:  # keep_initializers_as_inputs=True exporters: overridable defaults
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [8, 4]) for n in w]
+    if weight_as_output:
+        outputs.append(helper.make_tensor_value_info("wk", TensorProto.FLOAT, [8, 4]))
+    if weight_in_subgraph:  # an If branch reads the weight from the outer scope
+        body = helper.make_graph([helper.make_node("Identity", ["wk"], ["o"])], "body", [],
+                                 [helper.make_tensor_value_info("o", TensorProto.FLOAT, [8, 4])])
+        nodes.append(helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))))
+        nodes.append(helper.make_node("If", ["c"], ["from_if"], then_branch=body, else_branch=body))
+        outputs.append(helper.make_tensor_value_info("from_if", TensorProto.FLOAT, [8, 4]))
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("case", [{"opset": 12}, {"opset": 11}, {"weights_as_inputs": True},
+                                  {"weight_as_output": True}, {"weight_in_subgraph": True}],
+                         ids=["opset12", "opset11", "weights-as-inputs", "weight-as-output", "weight-in-subgraph"])
+def test_a_merge_never_breaks_the_graph(case):
+    """Split takes its sizes as an input from opset 13 only; a weight that is also a graph input (an overridable
+    default), a graph output or read inside a subgraph is read by more than the MatMul: each stays as it was."""
+    model = _siblings(**case)
+    feeds = {"x": np.arange(16, dtype=np.float32).reshape(2, 8) / 5}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    merge_sibling_matmuls(model)
+    onnx.checker.check_model(model)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)

@@ -125,6 +125,8 @@ def loads(spec: StreamingSpec, blob: bytes | bytearray | memoryview) -> dict[str
                             f"does not match this model's {spec.layout_hash()[:12]}... "
                             f"(states {[s.name for s in spec.states]})")
     entries = {e.get("name"): e for e in header["states"] if isinstance(e, dict)}
+    if len(entries) != len(header["states"]):  # a state listed twice: readers would disagree on which one counts
+        raise SnapshotError("snapshot: its header lists a state twice (or an entry that is not an object)")
     out: dict[str, np.ndarray] = {}
     for s in spec.states:
         e = entries.get(s.name)
@@ -139,6 +141,8 @@ def loads(spec: StreamingSpec, blob: bytes | bytearray | memoryview) -> dict[str
             batch = shape[s.batch_axis]
         want = s.shape_for(batch) if batch is not None else None
         axis = e.get("axis")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise SnapshotError(f"snapshot: state '{s.name}' has a malformed entry (axis {str(axis)[:20]!r})")
         if axis is not None and want is not None:  # a KV cache stored up to the stream's position
             if context_axes(spec).get(s.name) != axis or e.get("extent") != want[axis] or len(shape) != len(want) \
                     or not 0 <= shape[axis] <= want[axis]:

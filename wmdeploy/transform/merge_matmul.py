@@ -7,8 +7,9 @@ downstream is untouched. ONNX Runtime GenAI's builder packs the same projections
 1, where a step is a handful of memory-bound kernels, the launches are a measurable part of it
 (``bench/bench_lm.py``). Exact: each output column is the same dot product as before.
 
-Only MatMuls whose second input is a 2-D float initializer are merged (what ``int4`` then quantizes), in
-groups that share the first input and the weight's row count; a graph with none is returned unchanged.
+Only MatMuls whose second input is a 2-D float initializer that nothing else reads (no other node or subgraph,
+not a graph input or output) are merged (what ``int4`` then quantizes), in groups that share the first input
+and the weight's row count, at opset 13 or later (``Split``'s sizes input); else the graph is unchanged.
 """
 from __future__ import annotations
 
@@ -22,11 +23,22 @@ def merge_sibling_matmuls(model: Any) -> int:
     from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
 
     graph = model.graph
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 13:
+        return 0  # Split takes its sizes as an input from opset 13 on
     inits = {i.name: i for i in graph.initializer}
     uses: dict[str, int] = defaultdict(int)
-    for node in graph.node:
-        for name in node.input:
-            uses[name] += 1
+
+    def count(g: Any) -> None:  # subgraphs (If/Loop/Scan bodies) read outer-scope weights by name too
+        for node in g.node:
+            for name in node.input:
+                uses[name] += 1
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    count(sub)
+
+    count(graph)
+    for vi in (*graph.input, *graph.output):  # an overridable default (an input too) or a graph output
+        uses[vi.name] += 1
     groups: dict[tuple[str, int], list[Any]] = defaultdict(list)
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
