@@ -376,9 +376,13 @@ class Batcher:
                 err = exc if isinstance(exc, PersistError) else PersistError(
                     f"state store: cannot write ({type(exc).__name__}: {' '.join(str(exc).split())})")
                 for job, _, _ in done:  # not durable, so not applied: fall back to the last durable state
-                    table.drop_resident(job.key)
-                    self._fail(job, err)
-                return
+                    if job.key not in table.ephemeral:  # a completion's step is never stored: it stands
+                        table.drop_resident(job.key)
+                        self._fail(job, err)
+                done = [d for d in done if d[0].key in table.ephemeral]
+                results = [r for r in results if r[0].key in table.ephemeral]
+                if not done:
+                    return
             persist_s = time.perf_counter() - t1
         engine_batch = len(done)
         if stale:  # a shared store refused these: another replica stepped them first, so not applied here

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CapacityError
 from .jobs import NotApplied, StepJob
 from .openai_generation import EngineCompletion
 from .prompt_cache import PromptCache
@@ -38,7 +39,17 @@ class Generations:
     def add(self, gen: EngineCompletion, owner: str) -> None:
         """Open the completion's session (from its cached state; 429 when the server is full) and start it."""
         gen.keep = lambda tokens, logits, g=gen: self._keep(g, owner, tokens, logits)
-        self.table.open_ephemeral(gen.key, gen.snapshot)
+        try:
+            self.table.open_ephemeral(gen.key, gen.snapshot)
+        except CapacityError:
+            raise  # 429: the server is full
+        except Exception:  # noqa: BLE001  (a damaged cached state: a miss, never a failed request)
+            if gen.hit is None or self.cache is None:
+                raise
+            log.warning("prompt cache: a stored state was refused; dropped", exc_info=True)
+            self._store.submit(self.cache.drop, owner, gen.ids[:gen.hit.tokens])  # off the engine: a store's I/O
+            gen.uncached()
+            self.table.open_ephemeral(gen.key, None)
         self.active[gen.key] = gen
         try:
             gen.start()
@@ -57,8 +68,13 @@ class Generations:
                 continue
             tokens = gen.next_tokens()
             feeds = {self.tokens_input: np.array([tokens], dtype=np.int64)}
-            if len(tokens) > 1 and self.check is not None:
-                feeds = self.check(feeds)  # prompt ids (a tokenizer may know more ids than the model)
+            if gen.pending and self.check is not None:
+                try:  # prompt ids (a tokenizer may know more ids than the model); sampled ones are the logits'
+                    feeds = self.check(feeds)
+                except Exception as exc:  # noqa: BLE001  (this request's 400, never the engine thread's end)
+                    gen.fail(exc)
+                    self._settle(gen)
+                    continue
             job = StepJob(key, feeds, what="completion", gate=gen.gate)
             job.tokens = len(tokens)  # type: ignore[attr-defined]
             out.append(job)

@@ -126,6 +126,11 @@ class EngineCompletion:
         self.text, self.sent, self._last_at = "", 0, None
         self.done = self.failed = False
 
+    def uncached(self) -> None:
+        """Start from the initial state after all: the cached one was refused (a damaged entry)."""
+        self.hit, self.logits, self.pending, self.held = None, None, self.ids, 0
+        self.res.cached_tokens = 0
+
     @property
     def snapshot(self) -> bytes | None:
         return self.hit.snapshot if self.hit is not None else None

@@ -179,7 +179,9 @@ def parse_request(body: dict[str, Any], kind: str) -> CompletionRequest:
     req = CompletionRequest(kind, model)
     if kind == CHAT:
         req.messages = _messages(body)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:  # absent or null: the older name
+            max_tokens = body.get("max_tokens")
         req.max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", 1)
     else:
         req.prompt_text, req.prompt_ids = _prompt(body)

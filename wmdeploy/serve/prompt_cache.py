@@ -221,7 +221,7 @@ class PromptCache:
         try:
             snapshot, logits = unpack(blob)
         except ValueError:
-            self._forget(key)
+            self._drop(owner, n, key)
             return None
         with self._lock:
             self.hits += 1
@@ -273,11 +273,21 @@ class PromptCache:
             if counts[entry.n] <= 0:
                 del counts[entry.n]
 
-    def _forget(self, key: str) -> None:
+    def drop(self, owner: str, tokens: Sequence[int]) -> None:
+        """Forget the entry of exactly ``tokens`` here and in the shared tier (a state the pool refused)."""
+        self._drop(owner, len(tokens), entry_key(owner, tokens))
+
+    def _drop(self, owner: str, n: int, key: str) -> None:
         with self._lock:
             entry = self._entries.pop(key, None)
             if entry is not None:
                 self._drop_locked(entry)
+        try:
+            if self.tier is not None:
+                self.tier.delete(owner, n, key)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("prompt cache: shared tier delete failed", extra={"event": "prompt_cache_error",
+                                                                         "error": str(exc)})
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
