@@ -345,3 +345,23 @@ def test_a_zoo_byte_model_completes_and_refuses_chat_without_a_template(tmp_path
         assert err.value.body["code"] == "no_chat_template"
     finally:
         srv.stop()
+
+
+def test_shared_cache_entries_belong_to_the_file_not_just_its_name(lm, tmp_path):
+    """Two files served under one name through one --persist DIR: a copy of the same file finds the first
+    server's conversation; a file with other weights (same layout) starts from scratch, never from its states."""
+    other = wmdeploy.export_hf(_hf_folders.save_folder(_hf_folders.tiny_qwen3(), tmp_path / "other", seed=1),
+                               tmp_path / "other.onnx", max_context=MAX_CONTEXT, verify=False).path
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(lm["path"].read_bytes())
+    first = [{"role": "user", "content": "hello world"}]
+    turns = {}
+    for label, path in (("writer", lm["path"]), ("copy", copy), ("other", other)):
+        srv = ThreadServer(ServeConfig(path, name="tiny", persist=tmp_path / "state"), wmdeploy.load(path))
+        try:
+            turns[label] = _client(srv, "x").chat.completions.create(model="tiny", messages=first, temperature=0,
+                                                                     max_tokens=4)
+        finally:
+            srv.stop()
+    assert turns["copy"].usage.prompt_tokens_details.cached_tokens == turns["writer"].usage.prompt_tokens
+    assert turns["other"].usage.prompt_tokens_details.cached_tokens == 0

@@ -82,11 +82,12 @@ class SharedTier(Protocol):
 
 
 class DirTier:
-    """``--persist DIR``: one file per entry under ``DIR/prompt-cache/{tenant}/{n}-{hash}.bin`` (written to a
+    """``--persist DIR``: one file per entry under ``DIR/prompt-cache/{model}/{tenant}/{n}-{hash}.bin`` (written to a
     temporary name and renamed, so a reader never sees half an entry)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root) / "prompt-cache"
+    def __init__(self, root: Path, namespace: str = "") -> None:
+        # one folder per model (name and file digest): a model file with other weights never reads these states
+        self.root = Path(root) / "prompt-cache" / (_tenant(namespace) if namespace else "")
         self.where = f"--persist {root}"
 
     def _path(self, owner: str, n: int, key: str) -> Path:
@@ -153,7 +154,7 @@ def open_tier(persist: str | Path | None, namespace: str, ttl_s: float | None) -
         return None
     if str(persist).startswith(("redis://", "rediss://", "unix://")):
         return RedisTier(str(persist), namespace, ttl_s or 3600.0)
-    return DirTier(Path(persist))
+    return DirTier(Path(persist), namespace)
 
 
 @dataclass
