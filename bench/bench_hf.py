@@ -173,13 +173,36 @@ def worker_genai(path: str, steps: int) -> dict[str, Any]:
             "tokens_per_s": 1.0 / statistics.median(times), "greedy": tokens[:16]}
 
 
-def _run_worker(*args: str) -> dict[str, Any]:
+def run_worker(script: str, *args: str) -> dict[str, Any]:
+    """``python SCRIPT --worker ARGS`` in a fresh process (after a pause): its last stdout line, as JSON."""
     time.sleep(2.0)  # the previous process's threads are gone; let the cores settle
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-    done = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"worker {args[0]} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def alternate(script: str, jobs: dict[str, tuple[str, ...]], rounds: int, tolerate: bool = False) -> dict[str, Any]:
+    """Every job once per round, engines alternating, each in its own process; per job the run of median speed
+    (with ``rounds_tokens_per_s``). ``tolerate``: a failing worker loses its row, not the others' numbers."""
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in jobs}
+    for r in range(rounds):
+        for key, job in jobs.items():
+            try:
+                runs[key].append(run_worker(script, *job))
+            except RuntimeError as exc:
+                if not tolerate:
+                    raise
+                print(f"  {key}: {str(exc).splitlines()[-1]}", flush=True)
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.0f} tok/s"
+                                                      for k, v in runs.items() if v), flush=True)
+    results: dict[str, Any] = {}
+    for key, got in runs.items():
+        if got:
+            ordered = sorted(got, key=lambda x: x["tokens_per_s"])
+            results[key] = {**ordered[len(ordered) // 2], "rounds_tokens_per_s": [x["tokens_per_s"] for x in got]}
+    return results
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -219,16 +242,7 @@ def main() -> int:
     jobs[f"wmdeploy_{args.streams}_streams_cap4096"] = ("pool", str(files[4096]), str(args.steps), str(args.streams))
     if genai_dir is not None:
         jobs["genai_1_stream_fp32"] = ("genai", str(genai_dir), str(args.steps))
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in jobs}
-    for r in range(args.rounds):
-        for key, job in jobs.items():
-            runs[key].append(_run_worker(*job))
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.0f} tok/s"
-                                                            for k, v in runs.items()), flush=True)
-    results: dict[str, Any] = {}
-    for key, got in runs.items():
-        ordered = sorted(got, key=lambda x: x["tokens_per_s"])
-        results[key] = {**ordered[len(ordered) // 2], "rounds_tokens_per_s": [x["tokens_per_s"] for x in got]}
+    results = alternate(__file__, jobs, args.rounds)
 
     one256, one4096 = results["wmdeploy_1_stream_cap256"], results["wmdeploy_1_stream_cap4096"]
     pool = results[f"wmdeploy_{args.streams}_streams_cap4096"]

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_hf  # noqa: E402  (the folder, the GenAI build and the ORT/GenAI workers)
+from _timing import write_results  # noqa: E402
 from bench_hf import PROMPT, POOL_SPREAD, THREADS, _prompt  # noqa: E402
 
 ROOT = bench_hf.ROOT
@@ -129,15 +128,6 @@ WORKERS = {"stream": bench_hf.worker_stream, "pool": bench_hf.worker_pool, "gena
            "ov_stream": worker_ov_stream, "ov_pool": worker_ov_pool}
 
 
-def _run_worker(*args: str) -> dict[str, Any]:
-    time.sleep(2.0)  # the previous process's threads are gone; let the cores settle
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-    done = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {args[0]} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # ---- the run ----------------------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -198,24 +188,12 @@ def main() -> int:
     from wmdeploy.profiling.machine import cpu_bandwidth
 
     bandwidth = cpu_bandwidth(max_threads=THREADS)
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in jobs}
-    for r in range(args.rounds):
-        for key, (job, _, _) in jobs.items():
-            try:
-                runs[key].append(_run_worker(*job))
-            except RuntimeError as exc:  # one engine failing must not lose the others' numbers
-                print(f"  {key}: {str(exc).splitlines()[-1]}", flush=True)
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.0f}" for k, v in runs.items() if v),
-              flush=True)
-    results: dict[str, Any] = {}
-    for key, got in runs.items():
-        if not got:
-            continue
-        ordered = sorted(got, key=lambda x: x["tokens_per_s"])
+    # one engine failing must not lose the others' numbers
+    results = bench_hf.alternate(__file__, {k: job for k, (job, _, _) in jobs.items()}, args.rounds, tolerate=True)
+    for key, r in results.items():
         path = jobs[key][2]
         wbytes = genai_weight_bytes(path) if path.is_dir() else weight_bytes(path)
-        results[key] = {**ordered[len(ordered) // 2], "rounds_tokens_per_s": [x["tokens_per_s"] for x in got],
-                        "weight_bytes": wbytes, "floor_ms": 1e3 * wbytes / bandwidth.bytes_per_s}
+        r.update(weight_bytes=wbytes, floor_ms=1e3 * wbytes / bandwidth.bytes_per_s)
 
     def ratio(a: str, b: str) -> float | None:
         return results[a]["tokens_per_s"] / results[b]["tokens_per_s"] if a in results and b in results else None
@@ -243,13 +221,10 @@ def main() -> int:
         print(f"| {jobs[key][1]:<62} | {ms:7.2f} | {r['tokens_per_s']:5.0f} | {r['weight_bytes'] / 1e6:10.1f} | {r['floor_ms']:8.2f} |")
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
-    out = {"model": model_info, "steps": args.steps, "streams": args.streams, "rounds": args.rounds, "prompt": PROMPT,
-           "threads": THREADS, "bandwidth": bandwidth.to_dict(), "results": results, "ratios": ratios,
-           "rows": {k: jobs[k][1] for k in results}, "machine": platform.platform(), "cpus": os.cpu_count()}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.json}")
-    return 0
+    return write_results(args.json, {"model": model_info, "steps": args.steps, "streams": args.streams,
+                                     "rounds": args.rounds, "prompt": PROMPT, "threads": THREADS,
+                                     "bandwidth": bandwidth.to_dict(), "results": results, "ratios": ratios,
+                                     "rows": {k: jobs[k][1] for k in results}})
 
 
 if __name__ == "__main__":

@@ -31,42 +31,13 @@ LM = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num
 WINDOW = 64  # training window: no position past it is ever seen
 
 
-def corpus_ids(tok) -> tuple[np.ndarray, np.ndarray]:
-    from wmdeploy.models import tasks
-
-    train, held = tasks.text_splits()
-    enc = [np.array(tok(part.astype(np.uint8).tobytes().decode("utf-8", "ignore"), add_special_tokens=False).input_ids)
-           for part in (train, held)]
-    return enc[0], enc[1]
-
-
 def train(path: Path, steps: int) -> tuple[np.ndarray, float]:
-    import torch
-    import transformers
-    from _hf_folders import build_tokenizer
+    """The trained folder (tests/_hf_folders.train_corpus_lm) and the held-out split in its tokens."""
+    from _hf_folders import build_tokenizer, corpus_ids, train_corpus_lm
 
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    ids, held = corpus_ids(tok)
-    config = transformers.Qwen3Config(vocab_size=320, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, **LM)
-    config.architectures = ["Qwen3ForCausalLM"]
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / (steps + 1))
-    rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        starts = rng.integers(0, len(ids) - WINDOW - 1, 16)
-        x = torch.tensor(np.stack([ids[s:s + WINDOW + 1] for s in starts]))
-        loss = torch.nn.functional.cross_entropy(model(input_ids=x[:, :-1]).logits.reshape(-1, 320), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval().save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    transformers.GenerationConfig(eos_token_id=2, bos_token_id=0).save_pretrained(str(path))
-    return held, time.perf_counter() - t0
+    train_corpus_lm(path, steps, WINDOW, **LM)
+    return corpus_ids(build_tokenizer())[1], time.perf_counter() - t0
 
 
 def _ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -53,6 +53,46 @@ def tiny_qwen3(max_position_embeddings: int = 512) -> Any:
                        max_position_embeddings=max_position_embeddings)
 
 
+def corpus_ids(tok: Any) -> tuple[Any, Any]:
+    """The shipped corpus' training and held-out splits (``wmdeploy.models.tasks``), encoded with ``tok``."""
+    import numpy as np  # noqa: PLC0415
+
+    from wmdeploy.models import tasks  # noqa: PLC0415
+
+    return tuple(np.array(tok(part.astype(np.uint8).tobytes().decode("utf-8", "ignore"),
+                              add_special_tokens=False).input_ids) for part in tasks.text_splits())
+
+
+def train_corpus_lm(path: Path, steps: int, window: int = 64, **config: Any) -> Path:
+    """A Qwen3-shaped LM (``config``: its sizes) trained ``steps`` AdamW steps on ``window``-token pieces of the
+    corpus' training split with :func:`build_tokenizer`'s vocabulary, saved as a user's folder."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    ids, _ = corpus_ids(tok)
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, **config)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / (steps + 1))
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        starts = rng.integers(0, len(ids) - window - 1, 16)
+        x = torch.tensor(np.stack([ids[s:s + window + 1] for s in starts]))
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval().save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    transformers.GenerationConfig(eos_token_id=2, bos_token_id=0).save_pretrained(str(path))
+    return path
+
+
 def save_folder(config: Any, path: Path, *, tokenizer: bool = True, seed: int = 0) -> Path:
     """Build a random-init causal LM from ``config`` (float32), save it and a tokenizer into ``path``."""
     import torch  # noqa: PLC0415

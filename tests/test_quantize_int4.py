@@ -19,6 +19,7 @@ from wmdeploy.transform.drift import DRIFT_BOUNDS, drift_report
 from wmdeploy.transform.lineage import file_sha256, read_lineage
 from wmdeploy.transform.quantizer import quantize
 
+from _hf_folders import train_corpus_lm
 from _quant_models import SMALL_ZOO, export_small
 
 pytest.importorskip("transformers")
@@ -30,43 +31,11 @@ LM = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num
 TRAIN_STEPS = 300  # ~8 s on 2 cores: held-out cross-entropy ~2.4-2.6 nats per token (uniform: 5.8)
 
 
-def _train_folder(path: Path) -> Path:
-    """A Qwen3-shaped LM trained on the shipped corpus' training split, saved as a user's folder."""
-    import torch
-    import transformers
-
-    from _hf_folders import build_tokenizer
-    from wmdeploy.models import tasks
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    train, _ = tasks.text_splits()
-    ids = np.array(tok(train.astype(np.uint8).tobytes().decode("utf-8", "ignore"), add_special_tokens=False).input_ids)
-    config = transformers.Qwen3Config(vocab_size=320, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, **LM)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / (TRAIN_STEPS + 1))
-    rng = np.random.default_rng(0)
-    for _ in range(TRAIN_STEPS):
-        starts = rng.integers(0, len(ids) - 65, 16)
-        x = torch.tensor(np.stack([ids[s:s + 65] for s in starts]))
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 320), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval().save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    transformers.GenerationConfig(eos_token_id=2, bos_token_id=0).save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The trained folder exported in both attention forms, and the int4 file of each (defaults)."""
     d = tmp_path_factory.mktemp("int4")
-    folder = _train_folder(d / "lm")
+    folder = train_corpus_lm(d / "lm", TRAIN_STEPS, **LM)
     out = {"gqa": d / "lm.onnx", "portable": d / "lm_portable.onnx"}
     wmdeploy.export_hf(folder, out["gqa"], max_context=512, verify=False)
     wmdeploy.export_hf(folder, out["portable"], max_context=512, attention="portable", verify=False)

@@ -131,7 +131,7 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     model.config._attn_implementation = attn.IMPLEMENTATION
     wrapper = StreamingCausalLM(model, layout, attention, meta, forward_kwargs, sinks=sinks if rotate else None,
                                 rotate=rotate).eval()
-    uses_gqa = attention == "gqa" and layout.has_linear_kv and rotate is None
+    uses_gqa = attention == "gqa" and layout.has_linear_kv  # sinks made the form portable above
     path = Path(path)
     check_writable(path)
     spec = wrapper.streaming_spec()

@@ -87,7 +87,7 @@ def register_openai(app: FastAPI, ctx: Ctx, model: Model, name: str, cache: Prom
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         limit = min(req.max_tokens or max_generate_tokens, max_generate_tokens)
         gen = EngineCompletion(req, ids, hit, lm, owner, limit, prefill_chunk,
-                               lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), _no_keep, started)
+                               lambda item: loop.call_soon_threadsafe(queue.put_nowait, item), started=started)
         await ctx.batcher.call(generations.add, gen, owner)  # 429 here when every session slot is taken
         rid = ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex
         route = "/v1/chat/completions" if kind == CHAT else "/v1/completions"
@@ -146,10 +146,6 @@ def _chunk(kind: str, rid: str, name: str, created: int, piece: str | None, fini
     if with_usage:
         body["usage"] = usage
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-def _no_keep(tokens: list[int], logits: Any) -> None:
-    pass  # replaced by Generations.add with the cache's own
 
 
 def _observe(metrics: Any, route: str, res: CompletionResult, started: float) -> None:

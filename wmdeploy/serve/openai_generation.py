@@ -110,8 +110,10 @@ class EngineCompletion:
 
     def __init__(self, req: CompletionRequest, ids: list[int], hit: CacheHit | None, info: LanguageModelInfo,
                  owner: str, limit: int, prefill_chunk: int, out: Callable[[tuple[str, Any]], None],
-                 keep: Callable[[list[int], np.ndarray], None], started: float) -> None:
-        self.req, self.ids, self.hit, self.info, self.out, self.keep = req, ids, hit, info, out, keep
+                 keep: Callable[[list[int], np.ndarray], None] | None = None, started: float = 0.0) -> None:
+        # keep: set by decode_loop.Generations.add, which knows the cache and the session (none: nothing kept)
+        self.req, self.ids, self.hit, self.info, self.out = req, ids, hit, info, out
+        self.keep = keep or (lambda tokens, logits: None)
         self.key = scoped(owner, f"openai-{uuid.uuid4().hex}")
         self.gate = Gate()
         self.limit, self.prefill_chunk, self.started = limit, prefill_chunk, started
