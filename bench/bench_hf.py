@@ -112,10 +112,11 @@ def _prompt(seed: int, n: int, vocab: int = 32000) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, n).astype(np.int64)
 
 
-def worker_stream(path: str, steps: int) -> dict[str, Any]:
+def worker_stream(path: str, steps: int, **load: Any) -> dict[str, Any]:
+    """``load``: more options for ``wmdeploy.load`` (bench_lm: ``backend="openvino", precision="bf16"``)."""
     import wmdeploy
 
-    model = wmdeploy.load(path, threads=THREADS)
+    model = wmdeploy.load(path, threads=THREADS, **load)
     stream = model.stream()
     logits = stream.step(tokens=_prompt(0, PROMPT)[None])["logits"][0, -1]
     times, tokens = [], []
@@ -127,13 +128,14 @@ def worker_stream(path: str, steps: int) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     times = times[8:]  # warm-up
     return {"ms_per_token": 1e3 * statistics.median(times), "p90_ms": 1e3 * float(np.percentile(times, 90)),
-            "tokens_per_s": 1.0 / statistics.median(times), "greedy": tokens[:16]}
+            "tokens_per_s": 1.0 / statistics.median(times), "greedy": tokens[:16],
+            "precision": model.describe().get("effective_precision")}
 
 
-def worker_pool(path: str, steps: int, streams: int) -> dict[str, Any]:
+def worker_pool(path: str, steps: int, streams: int, **load: Any) -> dict[str, Any]:
     import wmdeploy
 
-    model = wmdeploy.load(path, threads=THREADS)
+    model = wmdeploy.load(path, threads=THREADS, **load)
     pool = model.pool(capacity=streams)
     sids, last = [], {}
     for i in range(streams):  # joined one after another, prompts of different lengths: different positions

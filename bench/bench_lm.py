@@ -26,21 +26,18 @@ elsewhere, slower); OpenVINO bf16 needs AVX512-BF16 or AMX (else it runs f32); f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_hf  # noqa: E402  (the folder, the GenAI build and the ORT/GenAI workers)
 from _timing import write_results  # noqa: E402
-from bench_hf import PROMPT, POOL_SPREAD, THREADS, _prompt  # noqa: E402
+from bench_hf import PROMPT, THREADS  # noqa: E402
 
 ROOT = bench_hf.ROOT
 CAPACITY = 4096
@@ -84,48 +81,13 @@ def genai_weight_bytes(folder: Path) -> int:
     return sum(weight_bytes(p) for p in folder.glob("*.onnx"))
 
 
-# ---- OpenVINO workers (ONNX Runtime's and GenAI's are bench_hf's) ----------------------------------------------
-def worker_ov_stream(path: str, steps: int) -> dict[str, Any]:
-    import wmdeploy
-
-    model = wmdeploy.load(path, backend="openvino", precision="bf16", threads=THREADS)
-    stream = model.stream()
-    logits = stream.step(tokens=_prompt(0, PROMPT)[None])["logits"][0, -1]
-    times, tokens = [], []
-    for _ in range(steps + 8):
-        token = int(np.argmax(logits))
-        tokens.append(token)
-        t0 = time.perf_counter()
-        logits = stream.step(tokens=np.array([[token]], dtype=np.int64))["logits"][0, -1]
-        times.append(time.perf_counter() - t0)
-    times = times[8:]
-    return {"ms_per_token": 1e3 * statistics.median(times), "tokens_per_s": 1.0 / statistics.median(times),
-            "greedy": tokens[:16], "precision": model.describe().get("effective_precision")}
-
-
-def worker_ov_pool(path: str, steps: int, streams: int) -> dict[str, Any]:
-    import wmdeploy
-
-    model = wmdeploy.load(path, backend="openvino", precision="bf16", threads=THREADS)
-    pool = model.pool(capacity=streams)
-    sids, last = [], {}
-    for i in range(streams):
-        sid = pool.join()
-        out = pool.step({sid: {"tokens": _prompt(i, PROMPT + POOL_SPREAD * i)[None]}})
-        last[sid] = int(np.argmax(out[sid]["logits"][0, -1]))
-        sids.append(sid)
-    times = []
-    for _ in range(steps + 4):
-        t0 = time.perf_counter()
-        outs = pool.step({sid: {"tokens": np.array([[last[sid]]], dtype=np.int64)} for sid in sids})
-        times.append(time.perf_counter() - t0)
-        last = {sid: int(np.argmax(outs[sid]["logits"][0, -1])) for sid in sids}
-    step = statistics.median(times[4:])
-    return {"ms_per_step": 1e3 * step, "tokens_per_s": streams / step, "streams": streams}
+# ---- workers: bench_hf's, on ONNX Runtime, GenAI, and OpenVINO bf16 ----------------------------------------------
+_OV = {"backend": "openvino", "precision": "bf16"}
 
 
 WORKERS = {"stream": bench_hf.worker_stream, "pool": bench_hf.worker_pool, "genai": bench_hf.worker_genai,
-           "ov_stream": worker_ov_stream, "ov_pool": worker_ov_pool}
+           "ov_stream": functools.partial(bench_hf.worker_stream, **_OV),
+           "ov_pool": functools.partial(bench_hf.worker_pool, **_OV)}
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
