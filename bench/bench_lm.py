@@ -140,6 +140,7 @@ def main() -> int:
         "wm_int4_acc0_1": (("stream", str(files["int4_acc0"]), s), "wmdeploy int4 accuracy level 0 (fp32 compute), 1 stream", files["int4_acc0"]),
         "wm_fp32_n": (("pool", str(files["fp32"]), s, n), f"wmdeploy fp32, ONNX Runtime, {n} streams", files["fp32"]),
         "wm_int4_n": (("pool", str(files["int4"]), s, n), f"wmdeploy int4, ONNX Runtime, {n} streams", files["int4"]),
+        "wm_int4_64": (("pool", str(files["int4"]), s, "64"), "wmdeploy int4, ONNX Runtime, 64 streams", files["int4"]),
     }
     if openvino:
         jobs["wm_ov_int4_1"] = (("ov_stream", str(files["ov_int4"]), s), "wmdeploy int4, OpenVINO bf16, 1 stream (cap 256)", files["ov_int4"])
@@ -166,6 +167,7 @@ def main() -> int:
         "wm_fp32_1_over_genai_fp32_1": ratio("wm_fp32_1", "genai_fp32_1"),
         "wm_int4_n_over_genai_int4_1": ratio("wm_int4_n", "genai_int4_1"),
         "wm_int4_n_over_wm_int4_1": ratio("wm_int4_n", "wm_int4_1"),
+        "wm_int4_64_over_genai_int4_1": ratio("wm_int4_64", "genai_int4_1"),
         "wm_int4_1_over_wm_fp32_1": ratio("wm_int4_1", "wm_fp32_1"),
         "wm_int4_b128_1_over_wm_int4_1": ratio("wm_int4_b128_1", "wm_int4_1"),
         "wm_int4_acc0_1_over_wm_int4_1": ratio("wm_int4_acc0_1", "wm_int4_1"),

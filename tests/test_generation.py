@@ -103,7 +103,7 @@ def recall_lm(tmp_path_factory):
 def _replies(model, lines: list[str], max_tokens: int = 1) -> list[str]:
     """The library's chat loop (what `wmdeploy chat` runs), split into one reply per user turn."""
     import io
-    from wmdeploy.chat import chat
+    from wmdeploy.conversation import chat
 
     out = io.StringIO()
     chat(model, lines, out, max_tokens=max_tokens, prompt="\x1e")

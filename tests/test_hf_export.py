@@ -128,6 +128,49 @@ def test_family_exports_a_verified_file(exported, family, form):
     assert position.name == "position" and tuple(position.shape) == ("batch",) and position.dtype == "int64"
 
 
+# which GQA nodes rotate q and k themselves (hf/rotary.py): every full-attention layer of a family whose RoPE is
+# transformers' half rotation over the whole head; never Phi3's (half of each head rotated); Gemma3's sliding
+# layer is a ring, rotated by transformers as before
+DO_ROTARY = {"llama": [True, True], "qwen2": [True, True], "qwen3": [True, True], "phi3": [False, False],
+             "gemma3": [True], "gpt2": [False, False]}
+
+
+@pytest.mark.parametrize("family", list(DO_ROTARY))
+def test_rope_runs_inside_the_attention_node_where_it_is_transformers_rotation(exported, family):
+    import onnx  # noqa: PLC0415
+
+    result = exported(family, "gqa")
+    assert result.report.ok, result.report.summary()  # the file with RoPE inside GQA agrees with transformers
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert [any(a.name == "do_rotary" and a.i for a in n.attribute) for n in gqa] == DO_ROTARY[family]
+    if family in ("llama", "qwen2", "qwen3"):
+        assert not [n for n in graph.node if n.op_type == "Neg"]  # no rotate_half left in the graph
+        assert len({n.input[7] for n in gqa}) == 1  # one cos table for every layer (rotary.share_tables)
+        # and every Reshape target is a constant (transform/static_shapes): no Shape arithmetic per step
+        made = {o: n.op_type for n in graph.node for o in n.output}
+        assert not [n for n in graph.node if n.op_type == "Reshape" and made.get(n.input[1]) not in (None, "Constant")]
+
+
+def test_a_family_that_changes_rotated_q_and_k_is_exported_with_transformers_rope(build, tmp_path, monkeypatch):
+    """A deferred rotation that does not reach the attention node unchanged (simulated: the attention function
+    refuses the tag) re-traces with transformers rotating, and the file still agrees with transformers."""
+    import onnx  # noqa: PLC0415
+
+    from wmdeploy.hf import attention, rotary  # noqa: PLC0415
+
+    def refuse(ctx, query, key):
+        if rotary.tag_of(query) is not None:
+            raise rotary.NotDeferred("simulated")
+        return None
+
+    monkeypatch.setattr(attention, "_deferred_table", refuse)
+    result = export_hf(build("llama"), tmp_path / "llama.onnx", max_context=CAPACITY)
+    assert result.report.ok, result.report.summary()
+    gqa = [n for n in onnx.load(str(result.path)).graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and not any(a.name == "do_rotary" for n in gqa for a in n.attribute)
+
+
 def _tok(a) -> dict:
     return {"tokens": np.ascontiguousarray(np.atleast_2d(a), dtype=np.int64)}
 

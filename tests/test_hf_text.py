@@ -151,7 +151,7 @@ def test_a_prompt_past_the_context_is_refused_and_a_reply_stops_at_the_capacity(
 
 
 def _chat(hf, lines, **kw):
-    from wmdeploy.chat import chat  # noqa: PLC0415
+    from wmdeploy.conversation import chat  # noqa: PLC0415
 
     turns: list[dict] = []
     out = io.StringIO()
@@ -278,7 +278,7 @@ def test_chat_memory_cut_differently_is_extended_and_a_diverging_one_is_reset(hf
     the memory's text (an edited history) resets the memory and re-reads it whole, said once."""
     import numpy as np  # noqa: PLC0415
 
-    from wmdeploy.chat import _Conversation  # noqa: PLC0415
+    from wmdeploy.conversation import _Conversation  # noqa: PLC0415
     from wmdeploy.generation import language_model_info  # noqa: PLC0415
 
     tok, model = hf["tok"], hf["model"]

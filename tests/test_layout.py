@@ -163,7 +163,8 @@ def test_wings_import_only_downwards():
 
 
 @pytest.mark.parametrize("name", ["export", "verify", "optimize", "quantize", "profile", "annotate", "load",
-                                  "generate", "drift_report", "profile_server", "triton_repository"])
+                                  "generate", "drift_report", "profile_server", "triton_repository", "chat",
+                                  "export_hf"])
 def test_the_python_api_is_plain_functions(name):
     fn = getattr(wmdeploy, name)
     assert isinstance(fn, types.FunctionType) and not isinstance(fn, types.ModuleType)
@@ -176,6 +177,14 @@ def test_the_python_api_is_plain_functions(name):
         importlib.import_module(module)
 
     assert getattr(wmdeploy, name) is fn
+
+
+def test_no_public_name_is_also_a_module_name():
+    """``import wmdeploy.X`` binds the package attribute X to the module, so a public function named after a
+    module is replaced by it once anything imports that module (``wmdeploy.chat`` was, in one test order)."""
+    package = Path(wmdeploy.__file__).parent
+    clashes = [n for n in wmdeploy._LAZY if (package / f"{n}.py").exists() or (package / n / "__init__.py").exists()]
+    assert not clashes
 
 
 def test_import_wmdeploy_and_its_runtime_names_import_no_torch():

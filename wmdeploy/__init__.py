@@ -51,13 +51,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     "StreamPool": ("wmdeploy.streaming", "StreamPool"),
     "generate": ("wmdeploy.generation", "generate"),
     "Generation": ("wmdeploy.generation", "Generation"),
-    "chat": ("wmdeploy.chat", "chat"),
+    "chat": ("wmdeploy.conversation", "chat"),
     "triton_repository": ("wmdeploy.triton", "write_repository"),
 }
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports on first use
     from .annotation import annotate
-    from .chat import chat
+    from .conversation import chat
     from .exporter import ExportResult, export, export_module
     from .hf import export_hf
     from .generation import Generation, generate

@@ -96,7 +96,7 @@ def chat(
     precision: Optional[str] = typer.Option(None, "--precision", help="inference precision of backends that take one (openvino: f32, bf16, f16)"),
 ) -> None:
     """A conversation kept in the model's working memory; /reset, /save FILE, /load FILE, /quit."""
-    from ..chat import chat as run_chat  # noqa: PLC0415
+    from ..conversation import chat as run_chat  # noqa: PLC0415
     from ..streaming import load  # noqa: PLC0415
 
     lm = load(model, backend=backend, **precision_option(precision))

@@ -47,6 +47,8 @@ class StepContext:
     rotate: Any = None        # ... and re-rotate queries with the model's RoPE (sinks.Rerotator)
     seqlens_k: torch.Tensor | None = None   # [batch] int32: position + time - 1 (GQA)
     total_length: torch.Tensor | None = None  # scalar int32: max(position + time) (GQA)
+    rope: Any = None  # rotary.RotaryTables: RoPE deferred into the GQA node (rotary.deferred)
+    position_ids: torch.Tensor | None = None  # [batch, time]: position + arange(time)
     # recurrent layers (SSM / conv / linear attention): (layer, state index) -> held and next states
     conv: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     conv_out: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
@@ -59,6 +61,12 @@ _local = threading.local()
 
 def set_context(ctx: StepContext | None) -> None:
     _local.ctx = ctx
+
+
+def current_position_ids() -> torch.Tensor | None:
+    """The position ids [batch, time] of the forward in progress on this thread (None outside one)."""
+    ctx = getattr(_local, "ctx", None)
+    return None if ctx is None else ctx.position_ids
 
 
 def _context() -> StepContext:
@@ -127,20 +135,31 @@ class _GroupQueryAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, past_k: torch.Tensor,
                 past_v: torch.Tensor, seqlens_k: torch.Tensor, total_length: torch.Tensor, position: torch.Tensor,
-                num_heads: int, kv_heads: int, scale: float, window: int, softcap: float
+                num_heads: int, kv_heads: int, scale: float, window: int, softcap: float,
+                cos_cache: torch.Tensor | None = None, sin_cache: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = q3.shape
         d = past_k.shape[-1]
         q = q3.view(b, t, num_heads, d).transpose(1, 2)
         k = k3.view(b, t, kv_heads, d).transpose(1, 2)
         v = v3.view(b, t, kv_heads, d).transpose(1, 2)
+        if cos_cache is not None and sin_cache is not None:  # do_rotary: q and k arrive unrotated
+            from .rotary import half_rotation  # noqa: PLC0415
+
+            idx = position[:, None] + torch.arange(t, device=q.device)[None, :]
+            q = half_rotation(q, cos_cache[idx], sin_cache[idx])
+            k = half_rotation(k, cos_cache[idx], sin_cache[idx])
         out, full_k, full_v = reference(q, k, v, past_k, past_v, position, scale, window or None, softcap or None)
         return out.reshape(b, t, num_heads * d), full_k, full_v
 
     @staticmethod
     def symbolic(g: Any, q3: Any, k3: Any, v3: Any, past_k: Any, past_v: Any, seqlens_k: Any, total_length: Any,
-                 position: Any, num_heads: int, kv_heads: int, scale: float, window: int, softcap: float) -> Any:
+                 position: Any, num_heads: int, kv_heads: int, scale: float, window: int, softcap: float,
+                 cos_cache: Any = None, sin_cache: Any = None) -> Any:
         attrs: dict[str, Any] = {"num_heads_i": num_heads, "kv_num_heads_i": kv_heads, "scale_f": scale}
+        rope = [] if cos_cache is None or sin_cache is None else [cos_cache, sin_cache]
+        if rope:
+            attrs["do_rotary_i"] = 1  # non-interleaved halves, as transformers' rotate_half (rotary.py)
         if window:
             # transformers' window W keeps W keys (the query's own included). What GQA's local_window_size L keeps
             # changed between ONNX Runtime versions (L + 1 keys in the older CPU/CUDA kernels, L keys in 1.32,
@@ -149,7 +168,7 @@ class _GroupQueryAttention(torch.autograd.Function):
         if softcap:
             attrs["softcap_f"] = softcap
         out, present_k, present_v = g.op("com.microsoft::GroupQueryAttention", q3, k3, v3, past_k, past_v,
-                                         seqlens_k, total_length, outputs=3, **attrs)
+                                         seqlens_k, total_length, *rope, outputs=3, **attrs)
         out.setType(q3.type())
         present_k.setType(past_k.type())
         present_v.setType(past_v.type())
@@ -214,6 +233,12 @@ def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     scale = float(scaling) if scaling is not None else d ** -0.5
     window = int(sliding_window) if sliding_window else 0
     cap = float(softcap) if softcap else 0.0
+    table = _deferred_table(ctx, query, key)
+    if table is not None and not (ctx.form == "gqa" and not (window and layer in ctx.rings) and ctx.sinks is None):
+        from .rotary import rotate  # noqa: PLC0415 - a layer GQA does not run: rotate here, as transformers would
+
+        query, key = (rotate(x, table, ctx.rope, ctx.position_ids) for x in (query, key))
+        table = None
     if window and layer in ctx.rings:  # a ring of its window (layout.probe)
         out, new_k, new_v = ring(query, key, value, past_k, past_v, ctx.position, scale, window, cap or None)
     elif ctx.sinks is not None and not window:  # StreamingLLM past the capacity
@@ -225,13 +250,30 @@ def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
         q3 = query.transpose(1, 2).reshape(b, t, h * d)
         k3 = key.transpose(1, 2).reshape(b, t, kvh * d)
         v3 = value.transpose(1, 2).reshape(b, t, kvh * d)
+        rope = () if table is None else (ctx.rope.cos[table], ctx.rope.sin[table])
         out3, new_k, new_v = _GroupQueryAttention.apply(q3, k3, v3, past_k, past_v, ctx.seqlens_k, ctx.total_length,
-                                                        ctx.position, h, kvh, scale, window, cap)
+                                                        ctx.position, h, kvh, scale, window, cap, *rope)
         out = out3.view(b, t, h, d)
     else:
         out, new_k, new_v = reference(query, key, value, past_k, past_v, ctx.position, scale, window or None, cap or None)
     ctx.present[layer] = (new_k, new_v)
     return out, None
+
+
+def _deferred_table(ctx: StepContext, query: torch.Tensor, key: torch.Tensor) -> int | None:
+    """The RoPE table q and k still wait for (:mod:`.rotary`), or None when transformers rotated them."""
+    from .rotary import tag_of  # noqa: PLC0415
+
+    tq, tk = tag_of(query), tag_of(key)
+    if tq is None and tk is None:
+        return None
+    if tq != tk or ctx.rope is None:
+        from .rotary import NotDeferred  # noqa: PLC0415
+
+        raise NotDeferred("RoPE deferred for one of q and k only: something between transformers' rotation and "
+                           "its attention call changed them")
+    ctx.rope.pending -= 1
+    return int(tq)
 
 
 def register() -> None:

@@ -23,9 +23,11 @@ class StreamingCausalLM(torch.nn.Module):
     """Wraps ``model`` (an ``AutoModelForCausalLM``) with the explicit-state interface; see the module doc."""
 
     def __init__(self, model: torch.nn.Module, layout: CacheLayout, form: str, meta: dict[str, Any],
-                 forward_kwargs: dict[str, Any] | None = None, sinks: int | None = None, rotate: Any = None) -> None:
+                 forward_kwargs: dict[str, Any] | None = None, sinks: int | None = None, rotate: Any = None,
+                 rope: Any = None) -> None:
         super().__init__()
         self.sinks, self.rotate = sinks, rotate  # --overflow sinks:K (attention.StepContext)
+        self.rope = rope  # rotary.RotaryTables while RoPE is deferred into GQA (rotary.deferred)
         if form not in attention.FORMS:
             raise ValueError(f"attention form {form!r}: expected one of {attention.FORMS}")
         self.model, self.layout, self.form, self.meta = model, layout, form, meta
@@ -59,6 +61,9 @@ class StreamingCausalLM(torch.nn.Module):
             ctx.seqlens_k = (end - 1).to(torch.int32)
             ctx.total_length = end.max().to(torch.int32)
         position_ids = position[:, None] + torch.arange(t, device=tokens.device)[None, :]
+        ctx.position_ids, ctx.rope = position_ids, self.rope
+        if self.rope is not None:
+            self.rope.pending = 0
         # A 4-D mask is taken as prepared (transformers builds none); our attention masks by position itself.
         mask = torch.zeros((b, 1, t, 1), dtype=torch.float32, device=tokens.device)
         cache_obj = ExplicitCache(ctx, self.layout.num_layers, list(self.layout.sliding), list(self.layout.linear))
@@ -68,6 +73,10 @@ class StreamingCausalLM(torch.nn.Module):
                              use_cache=True, return_dict=True, **self.forward_kwargs)
         finally:
             attention.set_context(None)
+        if self.rope is not None and self.rope.pending:
+            from .rotary import NotDeferred  # noqa: PLC0415
+
+            raise NotDeferred(f"{self.rope.pending} deferred RoPE rotation(s) reached no attention node")
         nxt: list[torch.Tensor] = []
         for spec, value in zip(tensors, cache):
             if spec.kind in ("key", "value"):
