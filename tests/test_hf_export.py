@@ -146,7 +146,7 @@ def test_rope_runs_inside_the_attention_node_where_it_is_transformers_rotation(e
     assert [any(a.name == "do_rotary" and a.i for a in n.attribute) for n in gqa] == DO_ROTARY[family]
     if family in ("llama", "qwen2", "qwen3"):
         assert not [n for n in graph.node if n.op_type == "Neg"]  # no rotate_half left in the graph
-        assert len({n.input[7] for n in gqa}) == 1  # one cos table for every layer (rotary.share_tables)
+        assert len({n.input[7] for n in gqa}) == 1  # one cos table for every layer (the tracer shares the tensor)
         # and every Reshape target is a constant (transform/static_shapes): no Shape arithmetic per step
         made = {o: n.op_type for n in graph.node for o in n.output}
         assert not [n for n in graph.node if n.op_type == "Reshape" and made.get(n.input[1]) not in (None, "Constant")]

@@ -9,7 +9,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from wmdeploy.transform.static_shapes import fold_reshape_targets  # noqa: E402
+from wmdeploy.transform.static_shapes import drop_dead_nodes, fold_reshape_targets  # noqa: E402
 
 
 def _const(name: str, values: list[int]) -> object:
@@ -96,3 +96,28 @@ def test_a_graph_symbolic_inference_cannot_read_is_left_as_it_was(tmp_path, monk
     # ORT's infer_shapes writes its debug model (and the weights) to the working directory when shapes stay
     # unknown: ours never does
     assert not list(tmp_path.iterdir())
+
+
+def test_dead_node_pass_keeps_what_only_a_subgraph_reads():
+    """An If branch reads an outer initializer and an outer node's output: neither is dead; a node nothing reads
+    and an initializer nothing reads are."""
+    then_branch = helper.make_graph([helper.make_node("Add", ["h", "w"], ["t_out"])], "then", [],
+                                    [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [2])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["h"], ["e_out"])], "else", [],
+                                    [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [2])])
+    nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["x"], ["unused"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    graph = helper.make_graph(
+        nodes, "branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        initializer=[numpy_helper.from_array(np.ones(2, np.float32), "w"),
+                     numpy_helper.from_array(np.ones(2, np.float32), "stale")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert drop_dead_nodes(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Relu", "If"]
+    assert [i.name for i in model.graph.initializer] == ["w"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([-1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x, "cond": np.array(True)})[0], [1.0, 3.0])

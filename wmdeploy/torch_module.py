@@ -386,8 +386,6 @@ def export_graph(module: torch.nn.Module, spec: StreamingSpec, path: Path, args:
     except ExportError:
         raise
     except Exception as exc:
-        if getattr(exc, "export_retry", False):  # the caller traces again another way (hf.rotary.NotDeferred)
-            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ExportError(f"torch.onnx.export ({exporter}) of {type(module).__name__} failed: {type(exc).__name__}: {first}") from None
     model = onnx.load(str(path))

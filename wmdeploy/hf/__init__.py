@@ -82,7 +82,7 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     import transformers  # noqa: PLC0415
 
     from ..torch_module import check_writable, export_graph  # noqa: PLC0415
-    from ..transform.static_shapes import drop_dead_nodes, fold_reshape_targets  # noqa: PLC0415
+    from ..transform.static_shapes import fold_reshape_targets  # noqa: PLC0415
     from . import attention as attn  # noqa: PLC0415
     from . import rotary  # noqa: PLC0415
     from .folder import CHAT_TEMPLATE_KEY, TOKENIZER_KEY, VERIFIED, build_model  # noqa: PLC0415
@@ -133,7 +133,7 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     model.config._attn_implementation = attn.IMPLEMENTATION
     uses_gqa = attention == "gqa" and layout.has_linear_kv  # sinks made the form portable above
     # RoPE inside the GQA nodes where it is provably transformers' rotation (rotary.py)
-    rope = rotary.tables(model, int(meta.get("max_context") or capacity)) if uses_gqa and rotate is None else None
+    rope = rotary.tables(model, capacity) if uses_gqa and rotate is None else None
     wrapper = StreamingCausalLM(model, layout, attention, meta, forward_kwargs, sinks=sinks if rotate else None,
                                 rotate=rotate, rope=rope).eval()
     path = Path(path)
@@ -141,23 +141,22 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     spec = wrapper.streaming_spec()
     # traced at batch 2 and time 3 (never a size-1 axis the exporter would specialise), from position 0
     args = (torch.randint(0, vocab_size, (2, 3)), *(torch.from_numpy(a) for a in spec.initial_states(2).values()))
+    def trace() -> Any:
+        with torch.no_grad(), rotary.deferred(model, wrapper.rope, attn.current_position_ids):  # no-op without rope
+            return export_graph(wrapper, spec, path, args, opset=opset,
+                                custom_opsets={"com.microsoft": 1} if uses_gqa else None)
+
     try:
         try:
-            with torch.no_grad(), rotary.deferred(model, rope, attn.current_position_ids):
-                spec = export_graph(wrapper, spec, path, args, opset=opset,
-                                    custom_opsets={"com.microsoft": 1} if uses_gqa else None)
+            spec = trace()
         except rotary.NotDeferred:  # the family changes q/k after rotating them: transformers rotates, as before
             wrapper.rope = None
-            with torch.no_grad():
-                spec = export_graph(wrapper, spec, path, args, opset=opset,
-                                    custom_opsets={"com.microsoft": 1} if uses_gqa else None)
+            spec = trace()
     finally:
         model.config._attn_implementation = "eager"
     proto = onnx.load(str(path))
     # view(*x.shape[:-1], -1, d) traced as Shape/Gather/Concat chains: constant Reshape targets instead
     fold_reshape_targets(proto)
-    if rotary.share_tables(proto):  # one cos/sin table for the layers that rotate alike
-        drop_dead_nodes(proto)
     for key, value in ((TOKENIZER_KEY, found.tokenizer_json), (CHAT_TEMPLATE_KEY, found.chat_template)):
         if value:
             proto.metadata_props.add(key=key, value=value)

@@ -233,20 +233,26 @@ def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     scale = float(scaling) if scaling is not None else d ** -0.5
     window = int(sliding_window) if sliding_window else 0
     cap = float(softcap) if softcap else 0.0
+    if window and layer in ctx.rings:  # a ring of its window (layout.probe)
+        kind = "ring"
+    elif ctx.sinks is not None and not window:  # StreamingLLM past the capacity
+        kind = "sinks"
+    else:
+        kind = ctx.form
     table = _deferred_table(ctx, query, key)
-    if table is not None and not (ctx.form == "gqa" and not (window and layer in ctx.rings) and ctx.sinks is None):
-        from .rotary import rotate  # noqa: PLC0415 - a layer GQA does not run: rotate here, as transformers would
+    if table is not None and kind != "gqa":  # only the GQA node rotates: elsewhere rotate here, as transformers would
+        from .rotary import rotate  # noqa: PLC0415
 
         query, key = (rotate(x, table, ctx.rope, ctx.position_ids) for x in (query, key))
         table = None
-    if window and layer in ctx.rings:  # a ring of its window (layout.probe)
+    if kind == "ring":
         out, new_k, new_v = ring(query, key, value, past_k, past_v, ctx.position, scale, window, cap or None)
-    elif ctx.sinks is not None and not window:  # StreamingLLM past the capacity
+    elif kind == "sinks":
         from .sinks import sink_attention  # noqa: PLC0415
 
         out, new_k, new_v = sink_attention(query, key, value, past_k, past_v, ctx.position, scale, ctx.sinks,
                                            cap or None, ctx.rotate)
-    elif ctx.form == "gqa":
+    elif kind == "gqa":
         q3 = query.transpose(1, 2).reshape(b, t, h * d)
         k3 = key.transpose(1, 2).reshape(b, t, kvh * d)
         v3 = value.transpose(1, 2).reshape(b, t, kvh * d)

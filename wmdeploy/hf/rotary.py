@@ -26,15 +26,16 @@ from typing import Any, Iterator
 
 import torch
 
+from ..errors import ExportError
+
 #: RoPE types whose angles depend on the sequence length, not only on the position: never tabulated
 _LENGTH_DEPENDENT = {"dynamic", "longrope"}
 _TAG = "_wmdeploy_rope"
 
 
-class NotDeferred(RuntimeError):
-    """A deferred rotation did not reach an attention node unchanged: export again with transformers' RoPE."""
-
-    export_retry = True  # torch_module.export_graph lets it through instead of wrapping it
+class NotDeferred(ExportError):
+    """A deferred rotation did not reach an attention node unchanged: export again with transformers' RoPE.
+    (An ExportError, so that ``torch_module.export_graph`` passes it through unwrapped.)"""
 
 
 @dataclass
@@ -59,18 +60,20 @@ class RotaryTables:
         return None
 
 
-def rope_kind(config: Any) -> str:
+def rope_kinds(config: Any) -> set[str]:
+    """The RoPE types ``config`` names (one per layer type where it keeps them per layer type)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type
-        kinds = {v.get("rope_type", v.get("type", "default")) for v in rope.values()}
-        return next(iter(kinds & _LENGTH_DEPENDENT), "default")
-    return rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if not isinstance(rope, dict):
+        return {"default"}
+    if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type
+        return {v.get("rope_type", v.get("type", "default")) for v in rope.values()}
+    return {rope.get("rope_type", rope.get("type", "default"))}
 
 
 def tables(model: torch.nn.Module, max_context: int) -> RotaryTables | None:
     """The tables of ``model``'s rotary modules over positions ``0 .. max_context - 1``, or None when the model
     has none we can tabulate."""
-    if rope_kind(model.config) in _LENGTH_DEPENDENT:
+    if rope_kinds(model.config) & _LENGTH_DEPENDENT:
         return None
     out = RotaryTables()
     layer_types = sorted(set(getattr(model.config, "layer_types", None) or [])) or [None]
@@ -108,11 +111,6 @@ def rotate(x: torch.Tensor, table: int, rope: RotaryTables, position_ids: torch.
 
 def tag_of(x: torch.Tensor) -> int | None:
     return getattr(x, _TAG, None)
-
-
-def untag(x: torch.Tensor) -> None:
-    if hasattr(x, _TAG):
-        delattr(x, _TAG)
 
 
 @contextlib.contextmanager
@@ -158,28 +156,3 @@ def deferred(model: torch.nn.Module, rope: RotaryTables, position_ids: Any) -> I
         for m, fn in saved.items():
             m.apply_rotary_pos_emb = fn
 
-
-def share_tables(model: Any) -> int:
-    """Every GQA node's cos/sin tables traced as its own Constant: identical ones read one tensor instead
-    (``max_context x head_dim / 2`` floats each, per layer). Returns how many inputs were redirected; the
-    dropped constants go with the caller's dead-node pass."""
-    import hashlib  # noqa: PLC0415
-
-    from onnx import numpy_helper  # noqa: PLC0415
-
-    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and len(n.output) == 1}
-    first: dict[bytes, str] = {}
-    moved = 0
-    for node in model.graph.node:
-        if node.op_type != "GroupQueryAttention" or len(node.input) < 9:
-            continue
-        for i in (7, 8):
-            const = constants.get(node.input[i])
-            if const is None or not const.attribute or not const.attribute[0].HasField("t"):
-                continue
-            digest = hashlib.sha256(numpy_helper.to_array(const.attribute[0].t).tobytes()).digest()
-            name = first.setdefault(digest, node.input[i])
-            if name != node.input[i]:
-                node.input[i] = name
-                moved += 1
-    return moved

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ExportError
 from .masked import softmax_attend
+from .rotary import rope_kinds
 
 #: families whose RoPE this module can re-rotate (the default rope type, cached keys after RoPE)
 FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "mistral")
@@ -48,11 +49,9 @@ class Rerotator:
         if family not in FAMILIES:
             raise ExportError(f"--overflow sinks: model_type '{family}' is not supported (supported: "
                               f"{', '.join(FAMILIES)}: RoPE families whose rotation wmdeploy re-applies)")
-        config = model.config
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-        if kind != "default":
-            raise ExportError(f"--overflow sinks: rope type '{kind}' rescales positions; only the default RoPE "
+        kinds = rope_kinds(model.config) - {"default"}
+        if kinds:
+            raise ExportError(f"--overflow sinks: rope type '{', '.join(sorted(kinds))}' rescales positions; only the default RoPE "
                               "is re-rotated exactly")
         inner = getattr(model, "model", model)
         self.rotary = getattr(inner, "rotary_emb", None)

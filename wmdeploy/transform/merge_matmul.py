@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from .graph_reads import reads
+
 
 def merge_sibling_matmuls(model: Any) -> int:
     """Rewrite ``model`` (an ``onnx.ModelProto``) in place; return how many MatMuls were merged away."""
@@ -26,17 +28,7 @@ def merge_sibling_matmuls(model: Any) -> int:
     if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 13:
         return 0  # Split takes its sizes as an input from opset 13 on
     inits = {i.name: i for i in graph.initializer}
-    uses: dict[str, int] = defaultdict(int)
-
-    def count(g: Any) -> None:  # subgraphs (If/Loop/Scan bodies) read outer-scope weights by name too
-        for node in g.node:
-            for name in node.input:
-                uses[name] += 1
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    count(sub)
-
-    count(graph)
+    uses = reads(graph)  # subgraphs (If/Loop/Scan bodies) read outer-scope weights by name too
     for vi in (*graph.input, *graph.output):  # an overridable default (an input too) or a graph output
         uses[vi.name] += 1
     groups: dict[tuple[str, int], list[Any]] = defaultdict(list)

@@ -21,6 +21,9 @@ import io
 import logging
 from typing import Any
 
+from .graph_reads import reads
+
+
 def _dims(value_info: Any) -> list[int | str | None] | None:
     if not value_info.type.tensor_type.HasField("shape"):
         return None
@@ -150,27 +153,20 @@ def _collapse_chains(model: Any, shapes: dict[str, Any]) -> int:
 
 def drop_dead_nodes(model: Any) -> int:
     """Remove the nodes whose outputs nothing reads (ONNX ops have no side effects), then the initializers no
-    node reads; repeated until nothing changes. Returns how many nodes went."""
+    node reads; repeated until nothing changes. Reads inside subgraphs count (:mod:`.graph_reads`). Returns how
+    many nodes went."""
     graph = model.graph
     keep_names = {o.name for o in graph.output}
     removed = 0
     while True:
-        read = set(keep_names)
-        for n in graph.node:
-            read.update(n.input)
-            for a in n.attribute:  # subgraphs (If/Loop) read names from the outer scope
-                for g in ([a.g] if a.HasField("g") else list(a.graphs)):
-                    for sub in g.node:
-                        read.update(sub.input)
-        dead = [i for i, n in enumerate(graph.node)
-                if not any(o in read for o in n.output if o)]
+        read = keep_names | set(reads(graph))
+        dead = [i for i, n in enumerate(graph.node) if not any(o in read for o in n.output if o)]
         if not dead:
             break
         for i in reversed(dead):
             del graph.node[i]
         removed += len(dead)
-    read = {i for n in graph.node for i in n.input}
-    unused = [i for i, t in enumerate(graph.initializer) if t.name not in read and t.name not in keep_names]
+    unused = [i for i, t in enumerate(graph.initializer) if t.name not in read]
     for i in reversed(unused):
         del graph.initializer[i]
     return removed
