@@ -284,3 +284,15 @@ def test_a_language_model_is_profiled_past_its_context_capacity(tmp_path, bandwi
     (cell,) = profile([path], chunks=[64], steps=2, warmup=1, max_windows=1, bandwidth=bandwidth).cells
     assert not cell.ok and "--chunk 64: longer than the file's context capacity of 32 tokens" in cell.error
     assert transformers
+    # the floor: the weights and the ping-pong position state, not the in-place KV caches (read up to the position)
+    facts = rep.models[0]
+    spec = read_spec(path)
+    kv = sum(s.bytes_per_stream for s in spec.states if s.inplace)
+    assert kv > 0 and facts.language_model
+    assert facts.floor_state_bytes_per_stream == facts.state_bytes_per_stream - kv
+    cell = next(c for c in rep.cells if c.batch == 3)
+    assert cell.floor_s == pytest.approx(facts.floor_bytes(3) / bandwidth.bytes_per_s)
+    result = CliRunner().invoke(app, ["profile", str(path), "--chunk", "1", "--steps", "4", "--warmup", "1",
+                                      "--max-windows", "1"], env={"COLUMNS": "220"})
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output and "chunk 1 is decode" in result.output

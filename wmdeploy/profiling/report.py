@@ -41,6 +41,22 @@ class ModelFacts:
     def state_bytes_per_stream(self) -> int:
         return self.spec.state_bytes_per_stream
 
+    @property
+    def floor_state_bytes_per_stream(self) -> int:
+        """State bytes a step surely reads and writes whole: the ping-pong states. An in-place KV cache (under
+        GroupQueryAttention) is read up to the position and written one row a step, so what it costs depends on
+        the context; the floor leaves it out and stays a lower bound."""
+        return sum(s.bytes_per_stream for s in self.spec.states if not s.inplace)
+
+    @property
+    def language_model(self) -> bool:
+        """Token ids in (an input indexing a table): items are tokens, chunk 1 is decode, longer is prefill."""
+        return any(t.index_bound is not None for t in self.spec.inputs)
+
+    def floor_bytes(self, batch: int, weight_divisor: int = 1) -> int:
+        """What a step of ``batch`` streams must at least move: the weights once, each ping-pong state in and out."""
+        return self.weight_bytes // weight_divisor + 2 * batch * self.floor_state_bytes_per_stream
+
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "label": self.label, "weight_bytes": self.weight_bytes,
                 "weight_bytes_source": self.weight_bytes_source,

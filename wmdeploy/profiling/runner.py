@@ -8,7 +8,8 @@ included. Each (file, backend, batch, chunk) is a *cell*: warm-up steps, then ti
 median settles (see :mod:`wmdeploy.profiling.timing`).
 
 The floor: a step must at least read the weights once and read and write the state of its ``batch``
-streams once, so ``floor = (weight bytes + 2 x batch x state bytes per stream) / bandwidth``, with the
+streams once, so ``floor = (weight bytes + 2 x batch x state bytes per stream) / bandwidth`` (in-place KV
+caches left out: a step reads them up to its position only, see ``ModelFacts.floor_bytes``), with the
 bandwidth measured once per run by a large copy (:mod:`wmdeploy.profiling.machine`); on a GPU the floor is at
 least one kernel launch. ``floor_fraction = floor / p50``: 1.0 is the memory-bound limit; a batch-1 step
 far below it is paying overheads, a large batch far below it has become compute-bound (as it should).
@@ -174,7 +175,7 @@ def profile(files: Sequence[str | Path], backends: Sequence[str] = ("auto",), de
                                 _run_cell(model, cell, settings, on_window)
                             except WmdeployError as exc:  # e.g. a batch the engine cannot allocate
                                 cell.error = " ".join(str(exc).split())
-                            byts = facts.weight_bytes // (2 if halved else 1) + 2 * batch * facts.state_bytes_per_stream
+                            byts = facts.floor_bytes(batch, 2 if halved else 1)
                             cell.floor_s = byts / bw.bytes_per_s if bw.bytes_per_s else None
                             if device == "cpu" and llc:
                                 cell.fits_in_cache = byts <= llc

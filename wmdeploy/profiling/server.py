@@ -204,7 +204,7 @@ def profile_server(url: str, files: Sequence[Any], concurrency: Sequence[int] = 
                 cell.timing, cell.state_changed = measure_server(url, facts.spec, c, chunk, settings, api_key,
                                                                  on_window)
             if bw.bytes_per_s:
-                cell.floor_s = (facts.weight_bytes + 2 * c * facts.state_bytes_per_stream) / bw.bytes_per_s
+                cell.floor_s = facts.floor_bytes(c) / bw.bytes_per_s
             if progress:
                 progress(len(cells), total, what)
     speedups(cells)

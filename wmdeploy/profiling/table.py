@@ -121,8 +121,12 @@ def render(report: Report, width: int | None = None) -> Any:
     window = f"{s['steps']} steps" if s["steps"] else f"{s['seconds']:g} s"
     wire = "gRPC" if str(s.get("url", "")).startswith("grpc://") else "HTTP"
     items = f"chunk per request, end to end over {wire}" if s["mode"] == "server" else "batch x chunk"
+    lm = bool(report.models) and all(m.language_model for m in report.models)
+    if lm:  # token ids in: say tokens/s, and which rows are decode
+        items = f"tokens ({items}): chunk 1 is decode, a longer chunk is prefill"
     caption = (f"ms per step; percentiles over every step of the last 3 windows ({window} each, after {s['warmup']} "
-               f"warm-up steps); items = {items}; floor = (weights + 2 x batch x state) / bandwidth; "
+               f"warm-up steps); items = {items}; floor = (weights + 2 x batch x state) / bandwidth, in-place KV "
+               "caches left out; "
                f"speedup = p50 of {escape(report.baseline or '')} / p50; unsettled = the last 3 window medians still differ by "
                f"more than {s['stability']:.0%} after {s['max_windows']} windows")
     if dropped:
@@ -132,6 +136,7 @@ def render(report: Report, width: int | None = None) -> Any:
     server = s["mode"] == "server"
     for name in cols:
         header = "sessions" if (server and name == "batch") else "requests/s" if (server and name == "steps/s") else name
+        header = "tokens/s" if (lm and name == "items/s") else header
         t.add_column(header, justify="left" if name == "model" else "right")
     t.add_column("", justify="left")
     group = None
