@@ -9,7 +9,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from wmdeploy.transform.static_shapes import drop_dead_nodes, fold_reshape_targets  # noqa: E402
+from wmdeploy.transform.static_shapes import drop_dead_nodes, drop_output_copies, fold_reshape_targets  # noqa: E402
 
 
 def _const(name: str, values: list[int]) -> object:
@@ -121,3 +121,33 @@ def test_dead_node_pass_keeps_what_only_a_subgraph_reads():
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.array([-1.0, 2.0], np.float32)
     np.testing.assert_array_equal(session.run(None, {"x": x, "cond": np.array(True)})[0], [1.0, 3.0])
+
+
+def test_outputs_that_are_copies_are_written_by_their_producers():
+    """``state = Cast(Cast(Add(x, 1), float), float)`` (traced ``.float()`` twice: two full copies a run) becomes the
+    Add itself, whose other reader follows it; a Cast that converts (int64 -> float) and an Identity of a graph
+    input stay, since nothing else can produce them."""
+    nodes = [helper.make_node("Add", ["x", "one"], ["sum"]),
+             helper.make_node("Cast", ["sum"], ["c1"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["c1"], ["state"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["sum"], ["act"]),
+             helper.make_node("Cast", ["n"], ["n_float"], to=TensorProto.FLOAT),
+             helper.make_node("Identity", ["x"], ["x_copy"])]
+    graph = helper.make_graph(
+        nodes, "copies",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("n", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("state", "act", "n_float", "x_copy")],
+        initializer=[numpy_helper.from_array(np.ones(1, np.float32), "one")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    assert drop_output_copies(model) == 2
+    ops = {n.output[0]: n.op_type for n in model.graph.node}
+    assert ops == {"state": "Add", "act": "Relu", "n_float": "Cast", "x_copy": "Identity"}
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    feeds = {"x": x, "n": np.array([3, 4], np.int64)}
+    want = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)

@@ -82,7 +82,7 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
     import transformers  # noqa: PLC0415
 
     from ..torch_module import check_writable, export_graph  # noqa: PLC0415
-    from ..transform.static_shapes import fold_reshape_targets  # noqa: PLC0415
+    from ..transform.static_shapes import tidy_export  # noqa: PLC0415
     from . import attention as attn  # noqa: PLC0415
     from . import rotary  # noqa: PLC0415
     from .folder import CHAT_TEMPLATE_KEY, TOKENIZER_KEY, VERIFIED, build_model  # noqa: PLC0415
@@ -156,7 +156,7 @@ def export_hf(folder: str | Path, path: str | Path, *, max_context: int | None =
         model.config._attn_implementation = "eager"
     proto = onnx.load(str(path))
     # view(*x.shape[:-1], -1, d) traced as Shape/Gather/Concat chains: constant Reshape targets instead
-    fold_reshape_targets(proto)
+    tidy_export(proto)
     for key, value in ((TOKENIZER_KEY, found.tokenizer_json), (CHAT_TEMPLATE_KEY, found.chat_template)):
         if value:
             proto.metadata_props.add(key=key, value=value)

@@ -114,9 +114,12 @@ def explicit_mamba_scan(module: torch.nn.Module, hidden_states: torch.Tensor, ti
 
 def _per_head(t: torch.Tensor, groups: int, heads: int, size: int) -> torch.Tensor:
     """[b, t, groups * size] -> [b, heads, t, size] (each group shared by heads // groups heads)."""
-    g = t.float().unflatten(-1, (groups, size))                             # [b, t, g, n]
+    # views with explicit sizes, not unflatten/flatten: the exporter writes those as shape slices whose rank ORT's
+    # symbolic shape inference cannot tell, and then static_shapes can fold nothing in the whole file
+    b, n = t.shape[0], t.shape[1]
+    g = t.float().view(b, n, groups, size)                                 # [b, t, g, n]
     if heads != groups:
-        g = g[:, :, :, None, :].expand(-1, -1, -1, heads // groups, -1).flatten(2, 3)
+        g = g[:, :, :, None, :].expand(-1, -1, -1, heads // groups, -1).reshape(b, n, heads, size)
     return g.transpose(1, 2)
 
 
@@ -132,7 +135,8 @@ def explicit_mamba2_scan(module: torch.nn.Module, hidden_states: torch.Tensor, B
     low, high = (float(v) for v in getattr(module, "time_step_limit", (0.0, float("inf"))))
     if low > 0.0 or high != float("inf"):
         step = torch.clamp(step, min=low, max=high)
-    x = hidden_states.float().unflatten(-1, (heads, head_dim))              # [b, t, h, p]
+    b, t = hidden_states.shape[0], hidden_states.shape[1]
+    x = hidden_states.float().view(b, t, heads, head_dim)                   # [b, t, h, p] (see _per_head)
     Bh, Ch = _per_head(B, groups, heads, size), _per_head(C, groups, heads, size)  # [b, h, t, n]
     a = (step * A).transpose(1, 2)                                          # [b, h, t]
     decay = torch.exp(_segment_sums(a))                                     # [b, h, t, s]
@@ -145,7 +149,7 @@ def explicit_mamba2_scan(module: torch.nn.Module, hidden_states: torch.Tensor, B
     h_new = from_start[:, :, -1, None, None] * h0 + torch.matmul((u * to_end).transpose(-1, -2), Bh)  # [b, h, p, n]
     cache.update_recurrent_state(h_new.to(h0.dtype), layer)
     y = y.transpose(1, 2) + x * module.D.float()[:, None]                   # [b, t, h, p]
-    return y.flatten(2).to(hidden_states.dtype)
+    return y.reshape(b, t, heads * head_dim).to(hidden_states.dtype)
 
 
 _OURS: dict[str, Callable[..., torch.Tensor]] = {_CONV_FN: explicit_conv, _SCAN_FN["mamba"]: explicit_mamba_scan,

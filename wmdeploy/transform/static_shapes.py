@@ -1,5 +1,5 @@
-"""Reshapes whose target is computed at run time, rewritten to constant targets, and the dead shape arithmetic
-dropped.
+"""Reshapes whose target is computed at run time, rewritten to constant targets, the dead shape arithmetic
+dropped, and graph outputs that are mere copies (``drop_output_copies``) written by their producers.
 
 A traced transformers model reshapes with ``view(*x.shape[:-1], -1, head_dim)``: the exporter writes each such
 target as ``Shape -> Gather -> Unsqueeze -> Concat`` (four to six tiny nodes per reshape, 60-70 reshapes in an
@@ -47,7 +47,7 @@ def _target(src: list[int | str | None], dst: list[int | str | None]) -> list[in
     return out
 
 
-def _symbolic_shapes(model: Any) -> dict[str, list[int | str | None] | None] | None:
+def _symbolic_infos(model: Any) -> dict[str, Any] | None:
     """Every tensor's shape as ONNX Runtime's symbolic inference sees it (numbers and dimension names), or None
     when it cannot read the graph. Its public ``infer_shapes`` writes ``sym_shape_infer_temp.onnx`` (and the
     weights beside it) into the working directory whenever some shape stays unknown: we run its loop ourselves
@@ -69,7 +69,7 @@ def _symbolic_shapes(model: Any) -> dict[str, list[int | str | None] | None] | N
     finally:
         log.setLevel(level)
     graph = inference.out_mp_.graph
-    return {v.name: _dims(v) for v in (*graph.value_info, *graph.input, *graph.output)}
+    return {v.name: v for v in (*graph.value_info, *graph.input, *graph.output)}
 
 
 def _constant_names(model: Any) -> set[str]:
@@ -91,13 +91,26 @@ def _allows_zero(node: Any) -> bool:
     return any(a.name == "allowzero" and a.i for a in node.attribute)
 
 
-def fold_reshape_targets(model: Any) -> int:
+def tidy_export(model: Any) -> dict[str, int]:
+    """:func:`fold_reshape_targets` and :func:`drop_output_copies` on one symbolic shape inference of ``model``,
+    then the dead nodes dropped: what ``export hf`` runs on every file. Counts of what each did."""
+    infos = _symbolic_infos(model)
+    if infos is None:
+        return {"reshapes": 0, "output_copies": 0}
+    done = {"reshapes": fold_reshape_targets(model, infos), "output_copies": drop_output_copies(model, infos)}
+    drop_dead_nodes(model)
+    return done
+
+
+def fold_reshape_targets(model: Any, infos: dict[str, Any] | None = None) -> int:
     """Rewrite, in ``model`` (an ``onnx.ModelProto``), every Reshape whose computed target can be written as a
     constant; drop the shape arithmetic nothing else reads. Returns how many reshapes were rewritten (0 when
-    symbolic shape inference cannot read the graph: the model is then left as it was)."""
-    shapes = _symbolic_shapes(model)
-    if shapes is None:
+    symbolic shape inference cannot read the graph: the model is then left as it was). ``infos``: the symbolic
+    inference's value infos, when the caller already has them."""
+    infos = infos if infos is not None else _symbolic_infos(model)
+    if infos is None:
         return 0
+    shapes = {name: _dims(v) for name, v in infos.items()}
     constant = _constant_names(model)
     rewritten = 0
     for node in model.graph.node:
@@ -149,6 +162,42 @@ def _collapse_chains(model: Any, shapes: dict[str, Any]) -> int:
         _set_target(model, node, target, "direct")
         changed += 1
     return changed
+
+
+def drop_output_copies(model: Any, infos: dict[str, Any] | None = None) -> int:
+    """A graph output made by ``Identity`` or by a ``Cast`` to the type it already has (what tracing ``.float()``
+    or ``.to(dtype)`` writes) is a full copy on every run that ORT cannot remove, since the output's name must be
+    produced: for a Mamba2 state that is a 1 MB copy per layer and step. The producer of the copied tensor writes
+    the output itself instead. Returns how many copies went."""
+    graph = model.graph
+    if any(a.type in (5, 10) for n in graph.node for a in n.attribute):  # GRAPH(S): subgraphs may read by name
+        return 0
+    infos = infos if infos is not None else _symbolic_infos(model)
+    if infos is None:
+        return 0
+    elem = {name: v.type.tensor_type.elem_type for name, v in infos.items()}
+    producer = {o: n for n in graph.node for o in n.output}
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output} | _constant_names(model)
+    dropped = 0
+    pending = [o.name for o in graph.output]
+    while pending:  # a copy of a copy (.float().float()): the output's new producer is looked at again
+        out = pending.pop()
+        node = producer.get(out)
+        if node is None or node.op_type not in ("Cast", "Identity") or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.input[0]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if src in keep or src not in producer or (node.op_type == "Cast" and (not elem.get(src) or elem[src] != to)):
+            continue
+        first = producer[src]
+        first.output[:] = [out if o == src else o for o in first.output]
+        for n in graph.node:
+            n.input[:] = [out if i == src else i for i in n.input]
+        producer[out] = first
+        graph.node.remove(node)
+        dropped += 1
+        pending.append(out)
+    return dropped
 
 
 def drop_dead_nodes(model: Any) -> int:
