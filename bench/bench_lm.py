@@ -80,7 +80,8 @@ def make_files(name: str, folder: Path, work: Path) -> dict[str, Path]:
         if not files["portable"].is_file():
             wmdeploy.export_hf(folder, files["portable"], max_context=OV_CAPACITY, attention="portable", verify=False)
         variants.update({"int8": ("fp32", "int8-dynamic", {}), "int4_b128": ("fp32", "int4", {"block_size": 128}),
-                         "int4_acc0": ("fp32", "int4", {"accuracy_level": 0}), "ov_int4": ("portable", "int4", {})})
+                         "int4_acc0": ("fp32", "int4", {"accuracy_level": 0}), "ov_int4": ("portable", "int4", {}),
+                         "ov_int8": ("portable", "int8-dynamic", {})})
     for key, (base, mode, opts) in variants.items():
         files[key] = work / f"{name}_{key}.onnx"
         if not files[key].is_file():
@@ -180,6 +181,8 @@ def jobs_for(name: str, files: dict[str, Path], peers: dict[str, Path], s: str, 
         add("wm_int4_64", "pool", files["int4"], "wmdeploy int4, ORT, 64 streams", "64")
         add("wm_int8_64", "pool", files["int8"], "wmdeploy int8, ORT, 64 streams", "64")
         if openvino:
+            add("wm_ov_fp32_1", "ov_stream", files["portable"], "wmdeploy fp32, OpenVINO bf16, 1 stream (cap 256)")
+            add("wm_ov_int8_1", "ov_stream", files["ov_int8"], "wmdeploy int8, OpenVINO bf16, 1 stream (cap 256)")
             add("wm_ov_int4_1", "ov_stream", files["ov_int4"], "wmdeploy int4, OpenVINO bf16, 1 stream (cap 256)")
             add("wm_ov_int4_n", "ov_pool", files["ov_int4"], f"wmdeploy int4, OpenVINO bf16, {n} streams (cap 256)", n)
     for key, path in peers.items():
@@ -188,6 +191,7 @@ def jobs_for(name: str, files: dict[str, Path], peers: dict[str, Path], s: str, 
         add(f"{key}_1", "genai" if peer == "genai" else f"{peer}_stream", path, f"{label}, 1 stream")
         if peer != "genai" and name == MAIN and prec == "int4":  # GenAI's CPU generator has no continuous batching
             add(f"{key}_n", f"{peer}_pool", path, f"{label}, {n} streams", n)
+            add(f"{key}_64", f"{peer}_pool", path, f"{label}, 64 streams", "64")
     return jobs
 # ---- the run ----------------------------------------------------------------------------------------------------
 RATIOS = {  # name -> (row, over row), within one folder
@@ -205,6 +209,9 @@ RATIOS = {  # name -> (row, over row), within one folder
     "wm_int4_1_over_llama_int4_1": ("wm_int4_1", "llama_int4_1"),
     "wm_int8_n_over_ovgenai_int4_n": ("wm_int8_n", "ovgenai_int4_n"),
     "wm_int4_n_over_ovgenai_int4_n": ("wm_int4_n", "ovgenai_int4_n"),
+    "wm_int8_n_over_llama_int4_n": ("wm_int8_n", "llama_int4_n"),
+    "wm_int8_64_over_ovgenai_int4_64": ("wm_int8_64", "ovgenai_int4_64"),
+    "wm_int8_64_over_llama_int4_64": ("wm_int8_64", "llama_int4_64"),
 }
 
 
