@@ -58,6 +58,9 @@ def quantize(
                                        "kernels, VNNI; others dequantize to fp32)"),
     embedding: bool = typer.Option(True, "--embedding/--no-embedding", help="int4: the embedding table to 4 bits too "
                                    "(GatherBlockQuantized)"),
+    lstm_as_matmuls: bool = typer.Option(False, "--lstm-as-matmuls", help="int4: rewrite ONNX LSTM ops as MatMuls + "
+                                         "a Scan first, so that their weights are 4-bit too (exact; on the zoo's 2 x "
+                                         "1024 LSTM smaller than int8-dynamic but slower: bench/bench_lstm_int4.py)"),
     keep_io_types: bool = typer.Option(True, "--keep-io-types/--no-keep-io-types", help="fp16: float32 inputs, outputs and states at the boundary"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
 ) -> None:
@@ -70,7 +73,7 @@ def quantize(
                               calibration_streams=streams, calibration_steps=calib_steps,
                               calibration_chunk=calib_chunk, per_channel=per_channel, reduce_range=reduce_range,
                               symmetric=symmetric, keep_io_types=keep_io_types, block_size=block_size,
-                              accuracy_level=accuracy_level, embedding=embedding)
+                              accuracy_level=accuracy_level, embedding=embedding, lstm_as_matmuls=lstm_as_matmuls)
     console.print(report.table())
     console.print(f"recurrent core: {report.recurrent_core}", soft_wrap=True, markup=False)
     if report.calibration:

@@ -91,7 +91,8 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
              calibration_chunk: int = 1, per_channel: bool = False, reduce_range: bool = False,
              symmetric: bool | None = None, keep_io_types: bool = True, check_steps: int = 32, seed: int = 0,
              float_policy: tuple[str, ...] | list[str] = FLOAT_POLICY, block_size: int = int4.DEFAULT_BLOCK_SIZE,
-             accuracy_level: int = int4.DEFAULT_ACCURACY_LEVEL, embedding: bool = True) -> QuantizeReport:
+             accuracy_level: int = int4.DEFAULT_ACCURACY_LEVEL, embedding: bool = True,
+             lstm_as_matmuls: bool = False) -> QuantizeReport:
     """Quantize ``source`` into ``output`` in ``mode``; raise ``QuantizationError`` (and leave no file) when
     the mode cannot quantize anything in the model or the result does not run.
 
@@ -102,7 +103,8 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
 
     int4: ``block_size`` (a power of two >= 16), ``symmetric`` (None: True for int4, False for int8-static),
     ``accuracy_level`` (0-4; 4 = int8 activations on VNNI) and ``embedding`` (the embedding table to 4 bits
-    as well); the defaults are ``int4``'s measured ones."""
+    as well); the defaults are ``int4``'s measured ones. ``lstm_as_matmuls`` (int4 only) first rewrites ONNX
+    ``LSTM`` ops as MatMuls and a ``Scan`` (:mod:`.lstm_cells`), so that their weights become 4-bit too."""
     import onnx  # noqa: PLC0415
 
     source, output = Path(source), Path(output)
@@ -119,6 +121,8 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
         why = int4.check_options(block_size, accuracy_level)
         if why:
             raise QuantizationError(why)
+    if lstm_as_matmuls and mode != "int4":
+        raise QuantizationError(f"--lstm-as-matmuls: only with --mode int4 (got --mode {mode})")
     bad = sorted(set(float_policy) - set(FLOAT_POLICY))
     if bad:
         raise QuantizationError(f"float_policy {bad}: expected rules among {', '.join(FLOAT_POLICY)}")
@@ -144,6 +148,10 @@ def quantize(source: str | Path, output: str | Path, *, mode: str, calibration: 
             elif mode == "int4":
                 sym = int4.DEFAULT_SYMMETRIC if symmetric is None else symmetric
                 options.update(block_size=block_size, symmetric=sym, accuracy_level=accuracy_level, embedding=embedding)
+                if lstm_as_matmuls:  # recorded only when asked: other int4 lineage records stay as they were
+                    from .lstm_cells import lstm_as_matmuls as rewrite  # noqa: PLC0415
+
+                    options.update(lstm_as_matmuls=True, lstms_rewritten=rewrite(model))  # the summary reads the Scan form
                 onnx.save(int4.int4_weights(model, block_size=block_size, symmetric=sym, accuracy_level=accuracy_level,
                                             embedding=embedding), dst)
             elif mode == "int8-static":

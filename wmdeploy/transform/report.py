@@ -16,6 +16,9 @@ WHY_FLOAT = {
     "fp16": {op: "ORT's CPU provider has no float16 recurrent kernel; kept float32" for op in RECURRENT_OPS},
     "int4": {**{op: "int4 cannot apply to the ONNX LSTM/GRU/RNN ops (ONNX Runtime's 4-bit MatMulNBits takes 2-D "
                     "MatMul weights only; no 4-bit recurrent kernel): kept float32" for op in RECURRENT_OPS},
+             "LSTM": "int4 cannot apply to the ONNX LSTM/GRU/RNN ops (ONNX Runtime's 4-bit MatMulNBits takes 2-D "
+                     "MatMul weights only; no 4-bit recurrent kernel): kept float32; --lstm-as-matmuls rewrites an LSTM "
+                     "as MatMuls + Scan that can be 4-bit",
              "Gemm": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)",
              "Conv": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)",
              "Attention": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)"},
