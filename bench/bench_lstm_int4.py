@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +25,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+import bench_hf  # noqa: E402  (run_worker: a worker in its own process)
 from _timing import write_results  # noqa: E402
+from bench_hf import THREADS  # noqa: E402
 
 CELLS = ((1, 1), (1, 16), (8, 1), (64, 1))
-THREADS = 2
 
 
 def make_files(work: Path) -> dict[str, Path]:
@@ -89,13 +88,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     files = make_files(work)
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in files}
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     for r in range(args.rounds):
-        for key, path in files.items():
-            time.sleep(2.0)  # the previous process's threads are gone
-            done = subprocess.run([sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True,
-                                  env=env, check=True)
-            runs[key].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for key, path in files.items():  # its own process, after bench_hf's pause
+            runs[key].append(bench_hf.run_worker(__file__, str(path)))
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
     cells = [f"{b}x{c}" for b, c in CELLS]
     result: dict[str, Any] = {k: {c: statistics.median(x[c] for x in v) for c in cells} for k, v in runs.items()}

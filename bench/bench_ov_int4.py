@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 from _timing import write_results  # noqa: E402
+from bench_sinks import _ce  # noqa: E402  (cross-entropy per token)
 
 OV = {"backend": "openvino", "precision": "bf16", "threads": 2}
 
@@ -53,12 +54,6 @@ def _logits(model: Any, seq: np.ndarray) -> np.ndarray:
     return np.concatenate([stream.step(tokens=seq[None, k:k + 32])["logits"][0] for k in range(0, len(seq), 32)])
 
 
-def _ce(logits: np.ndarray, target: np.ndarray) -> float:
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return float(-logp[np.arange(len(target)), target].mean())
-
-
 def accuracy(work: Path) -> dict[str, dict[str, float]]:
     import wmdeploy
     from _hf_folders import corpus_ids, train_corpus_lm
@@ -78,11 +73,11 @@ def accuracy(work: Path) -> dict[str, dict[str, float]]:
     for j in range(4):
         seq = held[j * 300:j * 300 + 257]
         r = _logits(ref, seq[:-1])
-        got["reference"]["ce"].append(_ce(r, seq[1:]))
+        got["reference"]["ce"].append(float(_ce(r, seq[1:]).mean()))
         for key, model in engines.items():
             c = _logits(model, seq[:-1])
             got[key]["top1"].append(float(np.mean(c.argmax(-1) == r.argmax(-1))))
-            got[key]["ce"].append(_ce(c, seq[1:]))
+            got[key]["ce"].append(float(_ce(c, seq[1:]).mean()))
     return {k: {m: float(np.mean(v)) for m, v in d.items() if v} for k, d in got.items()}
 
 

@@ -151,3 +151,31 @@ def test_outputs_that_are_copies_are_written_by_their_producers():
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     for w, g in zip(want, got):
         np.testing.assert_array_equal(w, g)
+
+
+def test_a_copy_of_what_a_subgraph_reads_by_name_stays():
+    """An If branch reads ``sum`` from the outer scope: renaming ``sum`` to the output would leave the branch
+    reading a name nothing makes, so that copy stays; the other output's copy in the same graph still goes."""
+    then_branch = helper.make_graph([helper.make_node("Neg", ["sum"], ["t_out"])], "then", [],
+                                    [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [2])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["x"], ["e_out"])], "else", [],
+                                    [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [2])])
+    nodes = [helper.make_node("Add", ["x", "x"], ["sum"]),
+             helper.make_node("Cast", ["sum"], ["state"], to=TensorProto.FLOAT),
+             helper.make_node("Relu", ["x"], ["act"]),
+             helper.make_node("Identity", ["act"], ["act_out"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    graph = helper.make_graph(
+        nodes, "branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("state", "act_out", "y")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert drop_output_copies(model) == 1
+    ops = {n.output[0]: n.op_type for n in model.graph.node}
+    assert ops["state"] == "Cast" and ops["act_out"] == "Relu"
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.array([1.0, -2.0], np.float32), "cond": np.array(True)})
+    np.testing.assert_array_equal(out[0], [2.0, -4.0])
+    np.testing.assert_array_equal(out[1], [1.0, 0.0])
+    np.testing.assert_array_equal(out[2], [-2.0, 4.0])

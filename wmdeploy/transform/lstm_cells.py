@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .graph_reads import default_opset
+from .static_shapes import drop_dead_nodes
+
 DEFAULT_ACTIVATIONS = [b"Sigmoid", b"Tanh", b"Tanh"]
 
 
@@ -68,7 +71,7 @@ def lstm_as_matmuls(model: Any) -> int:
     from onnx import helper, numpy_helper  # noqa: PLC0415
 
     graph = model.graph
-    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 16:
+    if default_opset(model) < 16:
         return 0  # Scan-16's shapes, Split taking its sizes as an input
     consts = {i.name: i for i in graph.initializer}
     done = 0
@@ -105,7 +108,5 @@ def lstm_as_matmuls(model: Any) -> int:
             graph.node.insert(index + k, item)
         done += 1
     if done:
-        from .static_shapes import drop_dead_nodes  # noqa: PLC0415
-
         drop_dead_nodes(model)  # the LSTM's own weights
     return done

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from .graph_reads import reads
+from .graph_reads import default_opset, reads
 
 
 def merge_sibling_matmuls(model: Any) -> int:
@@ -25,7 +25,7 @@ def merge_sibling_matmuls(model: Any) -> int:
     from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
 
     graph = model.graph
-    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 13:
+    if default_opset(model) < 13:
         return 0  # Split takes its sizes as an input from opset 13 on
     inits = {i.name: i for i in graph.initializer}
     uses = reads(graph)  # subgraphs (If/Loop/Scan bodies) read outer-scope weights by name too

@@ -6,6 +6,8 @@ from typing import Any
 
 from .precision import RECURRENT_OPS
 
+_INT4_RECURRENT = ("int4 cannot apply to the ONNX LSTM/GRU/RNN ops (ONNX Runtime's 4-bit MatMulNBits takes 2-D "
+                   "MatMul weights only; no 4-bit recurrent kernel): kept float32")
 WHY_FLOAT = {
     "int8-dynamic": {"GRU": "ORT dynamic quantization has no GRU kernel (only DynamicQuantizeLSTM)",
                      "RNN": "ORT dynamic quantization has no RNN kernel",
@@ -14,11 +16,8 @@ WHY_FLOAT = {
                     "GRU": "ORT's QDQ quantizer has no recurrent ops: the recurrent core runs in float",
                     "RNN": "ORT's QDQ quantizer has no recurrent ops: the recurrent core runs in float"},
     "fp16": {op: "ORT's CPU provider has no float16 recurrent kernel; kept float32" for op in RECURRENT_OPS},
-    "int4": {**{op: "int4 cannot apply to the ONNX LSTM/GRU/RNN ops (ONNX Runtime's 4-bit MatMulNBits takes 2-D "
-                    "MatMul weights only; no 4-bit recurrent kernel): kept float32" for op in RECURRENT_OPS},
-             "LSTM": "int4 cannot apply to the ONNX LSTM/GRU/RNN ops (ONNX Runtime's 4-bit MatMulNBits takes 2-D "
-                     "MatMul weights only; no 4-bit recurrent kernel): kept float32; --lstm-as-matmuls rewrites an LSTM "
-                     "as MatMuls + Scan that can be 4-bit",
+    "int4": {**{op: _INT4_RECURRENT for op in RECURRENT_OPS},
+             "LSTM": f"{_INT4_RECURRENT}; --lstm-as-matmuls rewrites an LSTM as MatMuls + Scan that can be 4-bit",
              "Gemm": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)",
              "Conv": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)",
              "Attention": "int4 covers MatMul and embedding Gather only (MatMulNBits, GatherBlockQuantized)"},

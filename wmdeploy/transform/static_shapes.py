@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections import Counter
 from typing import Any
 
 from .graph_reads import reads
@@ -48,8 +49,8 @@ def _target(src: list[int | str | None], dst: list[int | str | None]) -> list[in
 
 
 def _symbolic_infos(model: Any) -> dict[str, Any] | None:
-    """Every tensor's shape as ONNX Runtime's symbolic inference sees it (numbers and dimension names), or None
-    when it cannot read the graph. Its public ``infer_shapes`` writes ``sym_shape_infer_temp.onnx`` (and the
+    """Every tensor's value info as ONNX Runtime's symbolic inference sees it (element type; shape in numbers and
+    dimension names), by name, or None when it cannot read the graph. Its public ``infer_shapes`` writes ``sym_shape_infer_temp.onnx`` (and the
     weights beside it) into the working directory whenever some shape stays unknown: we run its loop ourselves
     and take what it did infer."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference  # noqa: PLC0415
@@ -92,14 +93,12 @@ def _allows_zero(node: Any) -> bool:
 
 
 def tidy_export(model: Any) -> dict[str, int]:
-    """:func:`fold_reshape_targets` and :func:`drop_output_copies` on one symbolic shape inference of ``model``,
-    then the dead nodes dropped: what ``export hf`` runs on every file. Counts of what each did."""
+    """:func:`fold_reshape_targets` and :func:`drop_output_copies` on one symbolic shape inference of ``model``:
+    what ``export hf`` runs on every file. Counts of what each did."""
     infos = _symbolic_infos(model)
     if infos is None:
         return {"reshapes": 0, "output_copies": 0}
-    done = {"reshapes": fold_reshape_targets(model, infos), "output_copies": drop_output_copies(model, infos)}
-    drop_dead_nodes(model)
-    return done
+    return {"reshapes": fold_reshape_targets(model, infos), "output_copies": drop_output_copies(model, infos)}
 
 
 def fold_reshape_targets(model: Any, infos: dict[str, Any] | None = None) -> int:
@@ -170,8 +169,8 @@ def drop_output_copies(model: Any, infos: dict[str, Any] | None = None) -> int:
     produced: for a Mamba2 state that is a 1 MB copy per layer and step. The producer of the copied tensor writes
     the output itself instead. Returns how many copies went."""
     graph = model.graph
-    if any(a.type in (5, 10) for n in graph.node for a in n.attribute):  # GRAPH(S): subgraphs may read by name
-        return 0
+    # names only If/Loop/Scan bodies read (outer scope, by name): the renaming below rewrites top-level inputs only
+    in_subgraphs = reads(graph) - Counter(i for n in graph.node for i in n.input)
     infos = infos if infos is not None else _symbolic_infos(model)
     if infos is None:
         return 0
@@ -187,7 +186,8 @@ def drop_output_copies(model: Any, infos: dict[str, Any] | None = None) -> int:
             continue
         src = node.input[0]
         to = next((a.i for a in node.attribute if a.name == "to"), None)
-        if src in keep or src not in producer or (node.op_type == "Cast" and (not elem.get(src) or elem[src] != to)):
+        if (src in keep or src in in_subgraphs or src not in producer
+                or (node.op_type == "Cast" and (not elem.get(src) or elem[src] != to))):
             continue
         first = producer[src]
         first.output[:] = [out if o == src else o for o in first.output]
